@@ -1,0 +1,247 @@
+"""Raw (already verified) body bytes → the events inside it.
+
+Adobe delivers one event per request, or a JSON array of events (batch delivery, up to 20 events
+and 2 MB), each in one of two envelopes:
+
+- ``adobe_io`` (legacy): ``{"event_id": ..., "event": {"header": {...}, "body": {...}}}``;
+- CloudEvents 1.0: ``{"specversion": "1.0", "type": ..., "eventid": ..., "data": {...}}``.
+
+A body of only ``{"validationUrl": ...}`` is Adobe's asynchronous URL validation, not an event.
+Any other JSON object is taken as a bare event when its id and code can be found.
+
+Owns: the event id (``eventid``, else ``event_id``, else the ``x-adobe-event-id`` header on a
+single delivery; never the CloudEvents ``id``), the event code (CloudEvents ``type``, else
+``event.header.eventCode`` or ``event.header._adobeio.eventCode``, else the type of a CloudEvent
+wrapped in ``event.body``, else the ``x-adobe-event-code`` header on a single delivery), the
+recipient client ids, the IMS org, and the job id and aggregate status (``bridge.adobe.jobstatus``).
+Each event keeps its own bytes: the whole body for a single delivery, and for a batch the
+element's bytes cut from the array unchanged, so nothing is re-encoded and numbers, escapes and
+key order stay exactly as Adobe signed them.
+
+Does not: check signatures or recipients (the receiver does), or touch the network.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bridge.adobe.jobstatus import job_id, job_status
+from bridge.errors import BadRequest
+
+MAX_FIELD_BYTES = 255  # AMQP short strings: message_id, type
+
+
+@dataclass(frozen=True)
+class Event:
+    body: bytes  # published as is
+    document: dict[str, Any]
+    envelope: str  # "cloudevents", "adobe_io" or "bare"
+    event_id: str
+    event_code: str
+    recipients: tuple[str, ...]
+    ims_org: str | None
+    job_id: str | None
+    job_status: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    events: tuple[Event, ...]
+    batch: bool
+    validation_url: str | None = None
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse JSON strictly: UTF-8 only, no NaN/Infinity, no BOM.
+
+    orjson first (fast); the standard library second, because orjson refuses some valid JSON
+    (lone surrogate escapes) that Adobe could still have signed.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("bad_utf8", "body is not valid UTF-8") from None
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError) as exc:
+        message = str(exc).split(":")[0] if str(exc) else type(exc).__name__
+        raise BadRequest("bad_json", f"body is not JSON: {message}") from None
+
+
+# A JSON string (unrolled loop, so long strings cost one regex step) or a structural byte.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+
+
+def split_array(raw: bytes) -> list[bytes]:
+    """The raw bytes of each top-level element of ``raw``, a valid JSON array."""
+    depth = 0
+    start = 0
+    parts: list[bytes] = []
+    for match in _TOKEN.finditer(raw):
+        token = match.group()
+        first = token[:1]
+        if first == b'"':
+            continue
+        if first in (b"[", b"{"):
+            depth += 1
+            if depth == 1:
+                start = match.end()
+        elif first in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                parts.append(raw[start : match.start()])
+                break
+        elif depth == 1:  # a comma between elements
+            parts.append(raw[start : match.start()])
+            start = match.end()
+    parts = [p.strip(b" \t\r\n") for p in parts]
+    return [] if parts == [b""] else parts
+
+
+def _get(doc: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def _text(doc: Any, *path: str) -> str | None:
+    value = _get(doc, *path)
+    if isinstance(value, str) and value.strip() and _encodable(value):
+        return value
+    return None
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: valid JSON, but no header can carry it
+        return False
+    return True
+
+
+def _first(doc: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> str | None:
+    for path in paths:
+        value = _text(doc, *path)
+        if value is not None:
+            return value
+    return None
+
+
+_ID_PATHS = (("eventid",), ("event_id",))
+_CODE_PATHS = (
+    ("event", "header", "eventCode"),
+    ("event", "header", "_adobeio", "eventCode"),
+)
+_ORG_PATHS = (
+    ("event", "header", "imsOrgId"),
+    ("event", "header", "_adobeio", "imsOrgId"),
+    ("imsorgid",),
+    ("imsOrgId",),
+    ("data", "imsOrgId"),
+    ("event", "body", "data", "imsOrgId"),
+)
+_RECIPIENT_FIELDS = ("recipientclientid", "recipient_client_id")
+
+
+def _envelope(doc: dict[str, Any]) -> str:
+    if "specversion" in doc:
+        return "cloudevents"
+    if "event" in doc:
+        return "adobe_io"
+    return "bare"
+
+
+def _code(doc: dict[str, Any], envelope: str) -> str | None:
+    if envelope == "cloudevents":
+        return _text(doc, "type")
+    code = _first(doc, _CODE_PATHS)
+    if code is None and _get(doc, "event", "body", "specversion") is not None:
+        code = _text(doc, "event", "body", "type")  # a CloudEvent wrapped in adobe_io (Marketo)
+    return code
+
+
+def _recipients(doc: dict[str, Any]) -> tuple[str, ...]:
+    # Both names (the old one goes away at the end of 2026), at the top or, in wrapped Marketo
+    # events, inside "event".
+    found: list[str] = []
+    for scope in (doc, doc.get("event")):
+        if isinstance(scope, dict):
+            for name in _RECIPIENT_FIELDS:
+                value = scope.get(name)
+                if isinstance(value, str) and value not in found:
+                    found.append(value)
+    return tuple(found)
+
+
+def _event(
+    raw: bytes, doc: Any, index: int | None, header_id: str | None, header_code: str | None
+) -> Event:
+    where = "" if index is None else f"batch element {index}: "
+    if not isinstance(doc, dict):
+        raise BadRequest("not_an_event", f"{where}expected a JSON object")
+    envelope = _envelope(doc)
+    event_id = _first(doc, _ID_PATHS) or header_id
+    code = _code(doc, envelope) or header_code
+    if event_id is None:
+        raise BadRequest("no_event_id", f"{where}no event id (eventid, event_id)")
+    if code is None:
+        raise BadRequest("no_event_code", f"{where}no event code (type, event.header.eventCode)")
+    for name, value in (("event id", event_id), ("event code", code)):
+        if len(value.encode("utf-8")) > MAX_FIELD_BYTES:
+            raise BadRequest("field_too_long", f"{where}{name} longer than {MAX_FIELD_BYTES} bytes")
+    payload = _get(doc, "data") if envelope == "cloudevents" else _get(doc, "event", "body")
+    jid = job_id(payload)
+    return Event(
+        body=raw,
+        document=doc,
+        envelope=envelope,
+        event_id=event_id,
+        event_code=code,
+        recipients=_recipients(doc),
+        ims_org=_first(doc, _ORG_PATHS),
+        job_id=jid if jid is not None and _encodable(jid) else None,
+        job_status=job_status(payload),
+    )
+
+
+def parse_delivery(
+    raw: bytes, header_event_id: str | None = None, header_event_code: str | None = None
+) -> Delivery:
+    """Turn a verified body into a :class:`Delivery`, or raise :class:`BadRequest`.
+
+    ``header_event_id``/``header_event_code`` (``x-adobe-event-id``/``-code``) are fallbacks for
+    a single delivery only: on a batch nobody says which event they describe.
+    """
+    doc = decode_json(raw)
+    if isinstance(doc, list):
+        if not doc:
+            raise BadRequest("empty_batch", "batch holds no events")
+        parts = split_array(raw)
+        if len(parts) != len(doc):  # cannot happen for valid JSON; refuse rather than guess
+            raise BadRequest("bad_json", "batch could not be split into its elements")
+        events = tuple(
+            _event(part, item, i, None, None)
+            for i, (part, item) in enumerate(zip(parts, doc, strict=True))
+        )
+        return Delivery(events, batch=True)
+    if isinstance(doc, dict):
+        url = doc.get("validationUrl")
+        if isinstance(url, str) and not {"event", "specversion", "eventid", "event_id"} & set(doc):
+            return Delivery((), batch=False, validation_url=url)
+        return Delivery((_event(raw, doc, None, header_event_id, header_event_code),), batch=False)
+    raise BadRequest("not_an_event", "body is neither an event object nor a batch array")

@@ -1,0 +1,87 @@
+"""Composition root: build the aiohttp application from a :class:`Config`.
+
+Owns: which objects exist and how long they live. Resources live in ``cleanup_ctx`` so they are
+closed in the reverse order of their creation, after aiohttp has stopped accepting connections
+and finished in-flight requests (SIGTERM): first the broker connection (a clean
+``Connection.Close``), then the key store's HTTP client. State is reachable through ``AppKey``.
+
+Routes: ``<registration path>`` (GET challenge, POST events), ``/healthz``, ``/readyz``,
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge import __version__, metrics
+from bridge.config import Config
+from bridge.keys import KeyStore
+from bridge.publisher import AmqpPublisher, Publisher
+from bridge.receiver import Receiver, answer_middleware, json_response
+from bridge.routing import Router
+from bridge.verify import Verifier
+
+log = structlog.get_logger("bridge.app")
+
+CONFIG: Final = web.AppKey("config", Config)
+PUBLISHER: Final = web.AppKey("publisher", Publisher)
+KEYS: Final = web.AppKey("keys", KeyStore)
+
+
+def create_app(config: Config, publisher: Publisher | None = None) -> web.Application:
+    """The daemon's application. Pass ``publisher`` to replace the broker (HTTP-only tests)."""
+    # Bodies are read and capped by the receiver itself, so aiohttp's own cap is set above ours.
+    app = web.Application(
+        middlewares=[answer_middleware], client_max_size=config.server.max_body_bytes + 1
+    )
+    keys = KeyStore(config.verification)
+    app[CONFIG] = config
+    app[KEYS] = keys
+    owned = publisher is None
+    chosen: Publisher = AmqpPublisher(config.broker) if publisher is None else publisher
+    app[PUBLISHER] = chosen
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        if not config.verification.enabled:
+            log.warning(
+                "signature_verification_disabled",
+                detail="verification.enabled is false: forged events will be published",
+            )
+        if owned and isinstance(chosen, AmqpPublisher):
+            await chosen.start()
+        log.info(
+            "bridge_started", version=__version__, paths=[r.path for r in config.registrations]
+        )
+        yield
+        if owned and isinstance(chosen, AmqpPublisher):
+            await chosen.close()
+        await keys.close()
+        log.info("bridge_stopped")
+
+    app.cleanup_ctx.append(lifetime)
+    Receiver(config, Verifier(keys), chosen, Router(config.broker.exchange)).add_routes(app)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if chosen.ready:
+            return json_response(200, {"status": "ready", "broker": "connected"})
+        return json_response(
+            503, {"status": "not_ready", "broker": "not connected"}, {"Retry-After": "5"}
+        )
+
+    async def metrics_handler(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

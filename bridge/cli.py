@@ -1,0 +1,423 @@
+"""The ``events-bridge`` command: sub-commands, and errors turned into exit codes.
+
+Exit codes: 0 success; 1 a command that ran but did not succeed (a refused delivery, a broker
+that cannot be reached); 2 bad usage; 78 (EX_CONFIG) an invalid configuration. A user's mistake
+ends with one clear line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge import __version__
+from bridge.config import Config, load_config
+from bridge.errors import BadRequest, ConfigError, UsageError
+
+EX_CONFIG = 78
+DEFAULT_CONFIG = "config/bridge.yaml"
+
+EPILOG = """\
+quick start:
+  make run                                   # broker, dev keys, and serve on 127.0.0.1:8080
+  events-bridge tail                         # in a second terminal: print what is published
+  events-bridge simulate --url http://127.0.0.1:8080/webhook \\
+      --key .local/keys/private/pub-key-dev.key.pem --key-path /prod/keys/pub-key-dev.pem \\
+      --client-id events-bridge-dev \
+      ../shared/adobe-samples/events/imaging_lightroom-job-status_succeeded.json
+
+Every command reads its settings from the YAML config (default config/bridge.yaml), which reads
+BRIDGE_* environment variables; see README.md.
+"""
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help=f"YAML configuration (default: {DEFAULT_CONFIG})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="events-bridge",
+        description="Receive Adobe I/O Events webhooks, verify their signatures, and republish "
+        "each event to RabbitMQ with publisher confirms.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"events-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Serve the webhook endpoints until SIGTERM or Ctrl-C. "
+        "Answers 503 until the broker is reachable; never exits for it.",
+    )
+    _config_arg(p)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate the configuration and exit",
+        description="Print every problem with its YAML path and line. "
+        "Exit 0 when valid, 78 when not.",
+    )
+    _config_arg(p)
+
+    p = sub.add_parser(
+        "declare",
+        help="declare the exchanges and queues, then exit",
+        description="Declare adobe.events (topic, alternate exchange "
+        "adobe.unrouted), adobe.unrouted (fanout) and its queue.",
+    )
+    _config_arg(p)
+
+    p = sub.add_parser(
+        "route",
+        help="dry run: where would this event go?",
+        description="Parse an event file as the receiver would and print its "
+        "envelope, id, code, job status and publish targets. "
+        "Nothing is published.",
+    )
+    _config_arg(p)
+    p.add_argument("event", type=Path, metavar="EVENT.json")
+    p.add_argument("--event-id", help="the x-adobe-event-id header, for bodies without an id")
+    p.add_argument("--event-code", help="the x-adobe-event-code header, for bodies without a code")
+
+    p = sub.add_parser(
+        "simulate",
+        help="act as Adobe I/O Events: challenge, then signed deliveries",
+        description="Send the challenge GET, then POST each event signed with RSA-SHA256 as "
+        "Adobe signs it, with Adobe's headers. Exit 0 when every delivery got a 2xx.",
+    )
+    p.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="event JSON files (a file holding an array gives one event per element)",
+    )
+    p.add_argument(
+        "--url", required=True, help="the webhook URL, e.g. http://127.0.0.1:8080/webhook"
+    )
+    p.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="PRIVATE.pem",
+        help="private key to sign with (give twice for two different keys)",
+    )
+    p.add_argument(
+        "--key-path",
+        action="append",
+        required=True,
+        metavar="/prod/keys/pub-key-NAME.pem",
+        help="public key path sent in x-adobe-public-keyN-path (give twice for two)",
+    )
+    p.add_argument(
+        "--client-id", help="set recipientclientid/recipient_client_id in each event, as Adobe does"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send events as batch deliveries (JSON arrays) of up to N",
+    )
+    p.add_argument(
+        "--retry",
+        action="store_true",
+        help="retry 429/5xx and timeouts on Adobe's schedule (1, 2, 4, 8, 15… min)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply retry delays by F (e.g. 0.001 for tests)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop retrying after N attempts (default: Adobe's 24 h)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="deliveries in flight at once (default 1)",
+    )
+    p.add_argument(
+        "--provider", default="events-bridge-simulator", help="x-adobe-provider header value"
+    )
+    p.add_argument("--no-challenge", action="store_true", help="skip the challenge GET")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+
+    keys = sub.add_parser("keys", help="development key pairs")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = keys_sub.add_parser(
+        "generate",
+        help="write a development RSA-2048 key pair",
+        description="Write DIR/prod/keys/pub-key-NAME.pem (serve DIR with "
+        "BRIDGE_KEY_BASE_URL=file://DIR) and DIR/private/pub-key-NAME.key.pem "
+        "(for simulate --key). Development only: Adobe holds the real private keys.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--name", help="key name (default: 10 random characters, as Adobe's)")
+    p.add_argument("--force", action="store_true", help="replace an existing pair")
+
+    p = sub.add_parser(
+        "tail",
+        help="print each message published to the events exchange",
+        description="Bind a temporary queue to the events exchange and print "
+        "each message (properties, headers, body).",
+    )
+    _config_arg(p)
+    p.add_argument(
+        "binding_key",
+        nargs="?",
+        default="#",
+        metavar="BINDING_KEY",
+        help="topic binding key, e.g. '*.failed' (default: '#', everything)",
+    )
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N messages")
+    p.add_argument(
+        "--timeout", type=float, default=0.0, metavar="SECONDS", help="stop after SECONDS"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    return parser
+
+
+def _load(path: str, sections: tuple[str, ...] | None = None) -> Config:
+    if sections is None:
+        return load_config(path)
+    return load_config(path, sections=sections)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from bridge import logs
+
+    logs.configure(config.logging.format, config.logging.level)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: Config) -> int:
+    import structlog
+    from aiohttp import web
+
+    from bridge.app import create_app
+
+    log = structlog.get_logger("bridge.cli")
+    app = create_app(config)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(
+            f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
+        ) from None
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        received.append(signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    log.info(
+        "bridge_listening", host=config.server.host, port=config.server.port, config=config.source
+    )
+    await stop.wait()
+    log.info("bridge_stopping", signal=received[0] if received else None)
+    # Stops accepting, lets in-flight requests finish (shutdown_timeout), then cleanup_ctx.
+    await runner.cleanup()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from bridge.publisher import redacted
+
+    regs = ", ".join(f"{r.name} at {r.path}" for r in config.registrations)
+    print(
+        f"{args.config}: valid ({len(config.registrations)} registration(s): {regs}; "
+        f"broker {redacted(config.broker.url)}; key base {config.verification.key_base_url})"
+    )
+    return 0
+
+
+def cmd_declare(args: argparse.Namespace) -> int:
+    config = _load(args.config, ("broker",))
+
+    async def declare() -> None:
+        import aio_pika
+
+        from bridge.publisher import broker_url, declare_topology, redacted
+
+        try:
+            connection = await aio_pika.connect(
+                broker_url(config.broker), timeout=config.broker.connect_timeout
+            )
+        except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
+            raise UsageError(
+                f"cannot connect to {redacted(config.broker.url)}: {exc or type(exc).__name__}"
+            ) from None
+        async with connection:
+            try:
+                await declare_topology(await connection.channel(), config.broker)
+            except aio_pika.exceptions.AMQPError as exc:
+                raise UsageError(f"declare failed: {exc}") from None
+
+    asyncio.run(declare())
+    b = config.broker
+    print(
+        f"declared exchange {b.exchange} (topic, alternate exchange {b.unrouted_exchange}), "
+        f"exchange {b.unrouted_exchange} (fanout) and queue {b.unrouted_queue} (quorum)"
+    )
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from bridge.adobe.envelope import parse_delivery
+    from bridge.routing import Router
+
+    config = _load(args.config, ("broker",))
+    try:
+        raw = args.event.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.event}: {exc.strerror}") from None
+    try:
+        delivery = parse_delivery(raw, args.event_id, args.event_code)
+    except BadRequest as exc:
+        print(f"{args.event}: would be refused with 400: {exc.detail}")
+        return 1
+    if delivery.validation_url is not None:
+        print(f"{args.event}: a validationUrl handshake: logged, answered 200, never published")
+        return 0
+    router = Router(config.broker.exchange)
+    kind = "batch of" if delivery.batch else "single delivery,"
+    print(f"{args.event}: {kind} {len(delivery.events)} event(s)")
+    for event in delivery.events:
+        print(f"  event {event.event_id}")
+        print(f"    envelope:   {event.envelope}")
+        print(f"    event code: {event.event_code}")
+        print(f"    job status: {event.job_status or '(none)'}  job id: {event.job_id or '(none)'}")
+        print(f"    recipients: {', '.join(event.recipients) or '(none: would be refused, 403)'}")
+        for target in router.route(event):
+            print(f"    → exchange {target.exchange}, routing key {target.routing_key}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from bridge.simulate import Simulator, build_deliveries, load_events, load_private_key
+
+    if len(args.key) > 2 or len(args.key_path) > 2:
+        raise UsageError("give --key and --key-path at most twice each")
+    if args.batch < 0 or args.concurrency < 1 or args.time_scale < 0:
+        raise UsageError("--batch, --concurrency and --time-scale must not be negative")
+    simulator = Simulator(
+        url=args.url,
+        keys=[load_private_key(p) for p in args.key],
+        key_paths=args.key_path,
+        provider=args.provider,
+        retry=args.retry,
+        time_scale=args.time_scale,
+        max_attempts=args.max_attempts,
+        concurrency=args.concurrency,
+        quiet=args.quiet,
+    )
+    deliveries = build_deliveries(load_events(args.files), args.batch, args.client_id)
+    asyncio.run(simulator.run(deliveries, challenge=not args.no_challenge))
+    accepted = sum(d.accepted for d in deliveries)
+    events = sum(d.events for d in deliveries if d.accepted)
+    print(f"simulate: {accepted}/{len(deliveries)} deliveries accepted ({events} events)")
+    return 0 if accepted == len(deliveries) else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from bridge.simulate import generate_keys
+
+    keys = generate_keys(args.dir, args.name, args.force)
+    print(f"private key: {keys.private_key}")
+    print(f"public key:  {keys.public_key}")
+    print(f"key path:    {keys.key_path}")
+    print(f"serve with:  BRIDGE_KEY_BASE_URL={keys.base_url}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from bridge.publisher import broker_url
+    from bridge.tail import tail
+
+    config = _load(args.config, ("broker",))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            tail(
+                broker_url(config.broker),
+                config.broker.exchange,
+                args.binding_key,
+                count=args.count,
+                seconds=args.timeout,
+                as_json=args.json,
+            )
+        )
+    return 0
+
+
+COMMANDS: dict[str, Any] = {
+    "serve": cmd_serve,
+    "check-config": cmd_check_config,
+    "declare": cmd_declare,
+    "route": cmd_route,
+    "simulate": cmd_simulate,
+    "keys": cmd_keys,
+    "tail": cmd_tail,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(COMMANDS[args.command](args))
+    except ConfigError as exc:
+        if args.command == "check-config":
+            for problem in exc.problems:
+                print(f"{args.config}: {problem}", file=sys.stderr)
+        else:
+            more = (
+                f" (and {len(exc.problems) - 1} more: run check-config)"
+                if len(exc.problems) > 1
+                else ""
+            )
+            print(
+                f"events-bridge: invalid config {args.config}: {exc.problems[0]}{more}",
+                file=sys.stderr,
+            )
+        return EX_CONFIG
+    except UsageError as exc:
+        print(f"events-bridge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

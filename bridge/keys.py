@@ -1,0 +1,177 @@
+"""Adobe's public signing keys: fetched from the key base URL, parsed once, cached by path.
+
+Owns: the one outbound HTTP client of the daemon. Rules, each a defence:
+
+- only paths matching ``/prod/keys/pub-key-<id>.pem`` are ever asked for, appended to the
+  configured base URL (no other host, scheme or folder can be reached from a header);
+- redirects are not followed, bodies are capped (``key_max_bytes``), every fetch has a timeout;
+- a key is cached by path for ``key_cache_seconds`` (at most 24 h, as Adobe asks); a path that
+  does not exist (403/404/410) or holds no acceptable RSA key is remembered for 10 s only;
+- concurrent requests for the same path share one fetch;
+- ``file:///folder`` base URLs read ``folder/prod/keys/pub-key-<id>.pem`` (tests, ``make run``).
+
+A definite "no such key" raises :class:`KeyMissing` (the signature cannot verify: 401); a host
+that cannot be asked (refused, timeout, 5xx, redirect, oversized answer) raises
+:class:`KeyHostUnavailable` (503, so Adobe retries later). Does not: verify signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+import structlog
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from bridge import metrics
+from bridge.adobe.signature import BadKey, key_path_allowed, load_public_key
+from bridge.config import VerificationConfig
+from bridge.errors import KeyHostUnavailable
+
+log = structlog.get_logger("bridge.keys")
+
+NEGATIVE_TTL: Final = 10.0
+MAX_ENTRIES: Final = 256
+_MISSING_STATUSES: Final = frozenset({403, 404, 410})  # CloudFront/S3 answer 403 for no object
+
+
+class KeyMissing(Exception):
+    """There is no acceptable key at this path (a definite answer, cached briefly)."""
+
+
+_Entry = tuple[float, rsa.RSAPublicKey | KeyMissing]
+
+
+class KeyStore:
+    """Resolve key paths to parsed RSA public keys; see the module docstring for the rules."""
+
+    def __init__(
+        self, config: VerificationConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._cache: dict[str, _Entry] = {}
+        self._pending: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        base = config.key_base_url
+        self._folder = Path(base.removeprefix("file://")) if base.startswith("file://") else None
+
+    async def close(self) -> None:
+        for task in list(self._pending.values()):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def get(self, path: str) -> rsa.RSAPublicKey:
+        if not key_path_allowed(path):  # the receiver checks first; this is the last guard
+            raise KeyMissing(f"key path not allowed: {path!r}")
+        now = self._clock()
+        entry = self._cache.get(path)
+        if entry is not None and entry[0] > now:
+            metrics.KEY_LOOKUPS.labels("cached").inc()
+            if isinstance(entry[1], KeyMissing):
+                raise entry[1]
+            return entry[1]
+        task = self._pending.get(path)
+        if task is None:
+            # The fetch runs in its own task: a request that gives up (deadline, client gone)
+            # does not cancel it for the others waiting on the same path.
+            task = asyncio.create_task(self._fetch_and_store(path), name=f"fetch-key {path}")
+            self._pending[path] = task
+            task.add_done_callback(self._fetch_done)
+        return await asyncio.shield(task)
+
+    def _fetch_done(self, task: asyncio.Task[rsa.RSAPublicKey]) -> None:
+        self._pending = {p: t for p, t in self._pending.items() if t is not task}
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an unwaited failure is not reported as lost
+
+    async def _fetch_and_store(self, path: str) -> rsa.RSAPublicKey:
+        try:
+            key = await self._fetch(path)
+        except KeyMissing as exc:
+            self._store(path, NEGATIVE_TTL, exc)
+            raise
+        self._store(path, self._config.key_cache_seconds, key)
+        return key
+
+    def _store(self, path: str, ttl: float, value: rsa.RSAPublicKey | KeyMissing) -> None:
+        now = self._clock()
+        if len(self._cache) >= MAX_ENTRIES:
+            for stale in [p for p, (expires, _) in self._cache.items() if expires <= now]:
+                del self._cache[stale]
+            while len(self._cache) >= MAX_ENTRIES:
+                del self._cache[next(iter(self._cache))]
+        self._cache[path] = (now + ttl, value)
+
+    async def _fetch(self, path: str) -> rsa.RSAPublicKey:
+        started = time.perf_counter()
+        try:
+            pem = await (self._read_file(path) if self._folder else self._download(path))
+            try:
+                key = load_public_key(pem)
+            except BadKey as exc:
+                raise KeyMissing(f"{path}: {exc}") from None
+        except KeyMissing as exc:
+            metrics.KEY_LOOKUPS.labels("missing").inc()
+            log.warning("public_key_refused", key_path=path, reason=str(exc))
+            raise
+        except KeyHostUnavailable as exc:
+            metrics.KEY_LOOKUPS.labels("unavailable").inc()
+            log.warning("public_key_unavailable", key_path=path, reason=exc.detail)
+            raise
+        metrics.KEY_LOOKUPS.labels("fetched").inc()
+        log.info(
+            "public_key_fetched",
+            key_path=path,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return key
+
+    async def _read_file(self, path: str) -> bytes:
+        assert self._folder is not None
+        file = self._folder / path.lstrip("/")
+        try:
+            with file.open("rb") as handle:
+                data = handle.read(self._config.key_max_bytes + 1)
+        except FileNotFoundError:
+            raise KeyMissing(f"{path}: no such key file") from None
+        except OSError as exc:
+            raise KeyHostUnavailable("key_unavailable", f"cannot read key file: {exc}") from None
+        if len(data) > self._config.key_max_bytes:
+            raise KeyMissing(f"{path}: key file larger than {self._config.key_max_bytes} bytes")
+        return data
+
+    async def _download(self, path: str) -> bytes:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._config.key_fetch_timeout),
+                headers={"User-Agent": "events-bridge"},
+            )
+        url = self._config.key_base_url + path
+        limit = self._config.key_max_bytes
+        try:
+            async with self._session.get(url, allow_redirects=False) as response:
+                if response.status in _MISSING_STATUSES:
+                    raise KeyMissing(f"{path}: key host answered {response.status}")
+                if response.status != 200:
+                    raise KeyHostUnavailable(
+                        "key_unavailable", f"key host answered {response.status}"
+                    )
+                if (response.content_length or 0) > limit:
+                    raise KeyHostUnavailable("key_unavailable", "key larger than the cap")
+                data = bytearray()
+                while len(data) <= limit:
+                    chunk = await response.content.read(limit + 1 - len(data))
+                    if not chunk:
+                        return bytes(data)
+                    data += chunk
+                raise KeyHostUnavailable("key_unavailable", "key larger than the cap")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            raise KeyHostUnavailable("key_unavailable", f"key host unreachable: {reason}") from None

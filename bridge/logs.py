@@ -1,0 +1,58 @@
+"""Logging: structlog, JSON (via orjson) in production, readable console lines on a terminal.
+
+Owns: the one configuration call made by the CLI. Conventions: snake_case past-tense event names
+(``webhook_handled``, ``broker_connected``), values as key=value, never secrets or whole bodies;
+one canonical line per webhook request (see ``bridge.receiver``). Logs go to stderr, so stdout
+stays free for command output (``tail``, ``route``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure(fmt: str = "auto", level: str = "info") -> None:
+    """Configure structlog and the standard library's logging (aiohttp, aio-pika)."""
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    numeric = _LEVELS[level]
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        processors = [
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ]
+        factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    else:
+        processors = [*shared, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        factory = structlog.PrintLoggerFactory(sys.stderr)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+    # Libraries log through the standard library: warnings and worse, one plain line each.
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        force=True,
+    )

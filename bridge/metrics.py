@@ -1,0 +1,66 @@
+"""The few Prometheus metrics that matter, in one registry served at ``/metrics``.
+
+Owns: metric names, labels and buckets. Labels stay low-cardinality: never an event id, a
+delivery id or a job id; event codes only on counters of published events.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "bridge_requests",
+    "Webhook requests answered, by registration, HTTP status and outcome.",
+    ["registration", "status", "outcome"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "bridge_request_seconds",
+    "Time from request to answer for webhook POSTs.",
+    ["registration"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 7.5, 10),
+    registry=REGISTRY,
+)
+EVENTS_PUBLISHED = Counter(
+    "bridge_events_published",
+    "Events confirmed by the broker, by event code and job status.",
+    ["event_code", "job_status"],
+    registry=REGISTRY,
+)
+PUBLISH_FAILURES = Counter(
+    "bridge_publish_failures",
+    "Publishes that were not confirmed, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+PUBLISH_SECONDS = Histogram(
+    "bridge_publish_seconds",
+    "Time from publish to broker confirm.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+VALIDATION_POSTS = Counter(
+    "bridge_validation_url_posts",
+    "Asynchronous validation POSTs (validationUrl) received; an operator must open the URL.",
+    ["registration"],
+    registry=REGISTRY,
+)
+KEY_LOOKUPS = Counter(
+    "bridge_public_key_lookups",
+    "Public key lookups by result: cached, fetched, missing, unavailable.",
+    ["result"],
+    registry=REGISTRY,
+)
+BROKER_READY = Gauge(
+    "bridge_broker_ready",
+    "1 while the publish channel to the broker is open.",
+    registry=REGISTRY,
+)
+BROKER_CONNECTS = Counter(
+    "bridge_broker_connects",
+    "Broker connection attempts by result.",
+    ["result"],
+    registry=REGISTRY,
+)

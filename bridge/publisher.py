@@ -1,0 +1,264 @@
+"""The deliver step: aio-pika edge to RabbitMQ, with every safety set on purpose.
+
+Owns: one publish connection and channel, kept by a supervisor task that (re)connects with
+backoff, declares the topology on every connect, and notices a lost connection or channel.
+A publish succeeds only when the broker confirms it (``Basic.Ack``) and did not return it.
+
+aio-pika's defaults are unsafe for us, so each is set here (RELIABILITY.md §1.8):
+
+- ``publisher_confirms=True, on_return_raises=True``: a returned (unroutable) message raises
+  instead of resolving like a success; ``mandatory=True`` on every publish;
+- messages are persistent (``delivery_mode=2``); the unrouted queue is a quorum queue;
+- no robust connection: its publish waits for a reconnect without bound. While the supervisor
+  reconnects, a publish fails at once (fast 503), and every publish is bounded by
+  ``asyncio.timeout(publish_timeout)`` whatever aio-pika or the broker does (alarms included);
+- the first connect does not fail fast and kill the daemon: the supervisor keeps trying, and
+  ``ready`` (``/readyz``) is False meanwhile;
+- aiormq pairs a returned message with its publish by ``message_id``; two concurrent publishes
+  with one id (Adobe redelivering while the first is in flight, or a batch repeating an event)
+  would confuse it, so publishes of one ``message_id`` are serialized.
+
+Topology: ``adobe.events`` (topic, durable, alternate exchange ``adobe.unrouted``),
+``adobe.unrouted`` (fanout, durable) and its quorum queue ``adobe.unrouted``.
+
+Does not: decide routes, build messages, or answer HTTP. Errors surface as
+:class:`BrokerUnavailable` (503) with a reason: ``not_connected``, ``timeout``, ``returned``,
+``nacked``, ``connection_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import aio_pika
+import aio_pika.abc
+import aiormq
+import structlog
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
+from pamqp.commands import Basic
+from yarl import URL
+
+from bridge import metrics
+from bridge.config import BrokerConfig
+from bridge.errors import BrokerUnavailable
+from bridge.message import Outbound
+
+log = structlog.get_logger("bridge.publisher")
+
+FIRST_RETRY_DELAY = 0.2
+
+
+class Publisher(Protocol):
+    """What the receiver needs of a publisher (a fake one serves HTTP-only tests)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def publish(self, messages: Sequence[Outbound]) -> None: ...
+
+
+def broker_url(config: BrokerConfig) -> str:
+    """The configured URL with our heartbeat, unless the URL sets its own."""
+    url = URL(config.url)
+    if "heartbeat" not in url.query:
+        url = url.update_query(heartbeat=config.heartbeat)
+    return str(url)
+
+
+def redacted(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: BrokerConfig) -> None:
+    """Declare the shipped exchanges and the unrouted queue; idempotent."""
+    unrouted = await channel.declare_exchange(
+        config.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(
+        config.unrouted_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await queue.bind(unrouted)
+    await channel.declare_exchange(
+        config.exchange,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": config.unrouted_exchange},
+    )
+
+
+class AmqpPublisher:
+    """Publishes with confirms over one supervised connection; see the module docstring."""
+
+    def __init__(self, config: BrokerConfig, connection_name: str = "events-bridge") -> None:
+        self._config = config
+        self._url = broker_url(config)
+        self._name = connection_name
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._lost = asyncio.Event()
+        self._became_ready = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._in_flight_ids: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+
+    async def wait_ready(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self.ready:
+                    self._became_ready.clear()
+                    await self._became_ready.wait()
+        return self.ready
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection cleanly (a Connection.Close, not a reset)."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._drop()
+
+    async def _supervise(self) -> None:
+        delay = FIRST_RETRY_DELAY
+        while True:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure to connect means: retry later
+                metrics.BROKER_CONNECTS.labels("failed").inc()
+                log.warning(
+                    "broker_connect_failed",
+                    url=redacted(self._url),
+                    error=_describe(exc),
+                    retry_in=round(delay, 1),
+                )
+                await self._drop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.reconnect_max_delay)
+                continue
+            delay = FIRST_RETRY_DELAY
+            await self._lost.wait()
+            log.warning("broker_connection_lost", url=redacted(self._url))
+            await self._drop()
+
+    async def _connect(self) -> None:
+        self._lost.clear()
+        connection = await aio_pika.connect(
+            self._url,
+            timeout=self._config.connect_timeout,
+            client_properties={"connection_name": self._name},
+        )
+        self._connection = connection
+        connection.close_callbacks.add(self._on_close)
+        async with asyncio.timeout(self._config.connect_timeout * 2):
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel.close_callbacks.add(self._on_close)
+            await declare_topology(channel, self._config)
+            self._exchanges = {
+                name: await channel.get_exchange(name, ensure=False)
+                for name in (self._config.exchange, self._config.unrouted_exchange)
+            }
+        self._channel = channel
+        metrics.BROKER_CONNECTS.labels("connected").inc()
+        metrics.BROKER_READY.set(1)
+        self._became_ready.set()
+        log.info("broker_connected", url=redacted(self._url))
+
+    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+        metrics.BROKER_READY.set(0)
+        self._lost.set()
+
+    async def _drop(self) -> None:
+        metrics.BROKER_READY.set(0)
+        self._channel = None
+        self._exchanges = {}
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception, asyncio.TimeoutError):
+                async with asyncio.timeout(2):
+                    await connection.close()
+
+    async def publish(self, messages: Sequence[Outbound]) -> None:
+        """Publish all messages concurrently; return only when every one is confirmed.
+
+        Raises :class:`BrokerUnavailable` if any is not. Those that were confirmed stay
+        published: the sender retries the request and consumers deduplicate on ``message_id``.
+        """
+        if len(messages) == 1:
+            await self._publish_one(messages[0])
+            return
+        results = await asyncio.gather(
+            *(self._publish_one(m) for m in messages), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _publish_one(self, out: Outbound) -> None:
+        channel, exchange = self._channel, self._exchanges.get(out.exchange)
+        if channel is None or channel.is_closed:
+            metrics.PUBLISH_FAILURES.labels("not_connected").inc()
+            raise BrokerUnavailable("not_connected", "broker connection is not ready")
+        if exchange is None:
+            exchange = await channel.get_exchange(out.exchange, ensure=False)
+        message = aio_pika.Message(
+            body=out.body,
+            content_type=out.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=out.message_id,
+            type=out.type,
+            timestamp=out.timestamp,
+            app_id=out.app_id,
+            headers=dict(out.headers),
+        )
+        started = time.perf_counter()
+        reason, detail = "", ""
+        try:
+            async with asyncio.timeout(self._config.publish_timeout):
+                async with self._exclusive(out.message_id):
+                    result = await exchange.publish(message, out.routing_key, mandatory=True)
+            if isinstance(result, Basic.Ack):
+                metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+                return
+            reason, detail = "not_confirmed", f"unexpected publish result {type(result).__name__}"
+        except TimeoutError:
+            reason, detail = "timeout", f"no confirm within {self._config.publish_timeout:g}s"
+        except PublishError:
+            reason, detail = "returned", "broker returned the message as unroutable"
+        except DeliveryError:
+            reason, detail = "nacked", "broker refused the message (nack)"
+        except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
+            reason, detail = "connection_lost", _describe(exc)
+        metrics.PUBLISH_FAILURES.labels(reason).inc()
+        raise BrokerUnavailable(reason, detail)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, message_id: str) -> Any:
+        while (previous := self._in_flight_ids.get(message_id)) is not None:
+            await asyncio.shield(previous)
+        done = asyncio.get_running_loop().create_future()
+        self._in_flight_ids[message_id] = done
+        try:
+            yield
+        finally:
+            del self._in_flight_ids[message_id]
+            done.set_result(None)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

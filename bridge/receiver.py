@@ -1,0 +1,275 @@
+"""The aiohttp edge: receive a webhook and answer it; the road runs through here in order.
+
+    receive (content type, size, body in time) → verify (signatures over the raw bytes)
+    → parse (envelope) → authorize (recipient, IMS org) → route → deliver (publish, confirms)
+    → answer (200 only when every event is confirmed)
+
+Owns: the handlers for ``POST <path>`` (events, batches and the ``validationUrl`` handshake) and
+``GET <path>?challenge=…``, and the one error middleware that maps :class:`Refusal` to HTTP,
+writes the canonical log line and counts the request. Each registration gets its own path.
+
+Every answer comes within ``server.answer_deadline`` (7.5 s; Adobe gives up at 10 s): a body that
+does not arrive in time is a 408, anything else that runs out of time is a 503 (Adobe retries).
+Does not: know AMQP, fetch keys, or parse JSON itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+import structlog
+from aiohttp import web
+
+from bridge import metrics
+from bridge.adobe.envelope import Delivery, parse_delivery
+from bridge.adobe.signature import KEY_PATH_HEADERS, SIGNATURE_HEADERS
+from bridge.config import Config, Registration
+from bridge.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    Refusal,
+    RequestTimeout,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from bridge.message import RequestContext, build_message
+from bridge.publisher import Publisher
+from bridge.routing import Router
+from bridge.verify import Verifier
+
+log = structlog.get_logger("bridge.receiver")
+
+# Per-request fields for the canonical log line; handlers add to it as they learn things.
+LOG_FIELDS: Final = web.RequestKey("log_fields", dict)
+
+JSON_TYPES: Final = frozenset(
+    {"application/json", "application/cloudevents+json", "application/cloudevents-batch+json"}
+)
+# Adobe's challenge values are UUIDs; accept a little more, never markup or quotes.
+CHALLENGE: Final = re.compile(r"^[A-Za-z0-9._~-]{1,256}$")
+VALIDATION_PEEK_BYTES: Final = 4096
+CHUNK: Final = 64 * 1024
+
+
+def json_response(
+    status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(payload),
+        content_type="application/json",
+        headers={"X-Content-Type-Options": "nosniff", **(headers or {})},
+    )
+
+
+@web.middleware
+async def answer_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map refusals to HTTP (the only place), then log and count webhook requests."""
+    fields: dict[str, Any] = {}
+    request[LOG_FIELDS] = fields
+    started = time.perf_counter()
+    outcome = "ok"
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+        outcome = fields.pop("outcome", outcome)
+    except Refusal as refusal:
+        outcome = refusal.reason
+        fields["detail"] = refusal.detail
+        headers = {}
+        if isinstance(refusal, Unavailable):
+            headers["Retry-After"] = str(refusal.retry_after)
+        response = json_response(
+            refusal.status, {"error": refusal.reason, "detail": refusal.detail}, headers
+        )
+    except web.HTTPException as exc:  # the router's 404/405
+        outcome = "http_error"
+        response = exc
+    except Exception:  # the last resort: log the bug with its traceback, answer 500, keep serving
+        log.exception("request_crashed", method=request.method, path=request.path)
+        outcome = "crashed"
+        response = json_response(500, {"error": "internal_error", "detail": "see the bridge's log"})
+    registration = fields.get("registration")
+    if registration is not None and request.method == "POST":
+        elapsed = time.perf_counter() - started
+        metrics.REQUESTS.labels(registration, str(response.status), outcome).inc()
+        metrics.REQUEST_SECONDS.labels(registration).observe(elapsed)
+        level = log.info if response.status < 500 else log.warning
+        level(
+            "webhook_handled",
+            status=response.status,
+            outcome=outcome,
+            duration_ms=round(elapsed * 1000, 2),
+            **fields,
+        )
+    return response
+
+
+@dataclass
+class Receiver:
+    """The webhook and challenge handlers of every registration."""
+
+    config: Config
+    verifier: Verifier
+    publisher: Publisher
+    router: Router
+
+    def add_routes(self, app: web.Application) -> None:
+        for registration in self.config.registrations:
+            app.router.add_post(registration.path, self._webhook_handler(registration))
+            app.router.add_get(registration.path, self._challenge_handler(registration))
+
+    def _webhook_handler(
+        self, registration: Registration
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return await self.webhook(request, registration)
+
+        return handle
+
+    def _challenge_handler(
+        self, registration: Registration
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return await self.challenge(request, registration)
+
+        return handle
+
+    async def challenge(self, request: web.Request, registration: Registration) -> web.Response:
+        value = request.query.get("challenge")
+        if value is None:
+            raise BadRequest("no_challenge", "GET expects ?challenge=<value>")
+        if not CHALLENGE.fullmatch(value):
+            raise BadRequest("bad_challenge", "challenge must be 1-256 URL-safe characters")
+        log.info("challenge_answered", registration=registration.name, challenge=value)
+        return json_response(200, {"challenge": value})
+
+    async def webhook(self, request: web.Request, registration: Registration) -> web.Response:
+        fields = request[LOG_FIELDS]
+        fields["registration"] = registration.name
+        headers = request.headers
+        if headers.get("x-adobe-delivery-id"):
+            fields["delivery_id"] = headers["x-adobe-delivery-id"][:128]
+        deadline = asyncio.get_running_loop().time() + self.config.server.answer_deadline
+        body = await self._receive(request, deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._process(request, registration, body, fields)
+        except TimeoutError:
+            raise Unavailable("deadline", "could not finish within the answer deadline") from None
+
+    async def _receive(self, request: web.Request, deadline: float) -> bytes:
+        if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
+            raise UnsupportedMediaType(
+                "unsupported_media_type", f"content type {request.content_type!r} is not JSON"
+            )
+        limit = self.config.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge("body_too_large", f"body over the {limit}-byte limit")
+        body = bytearray()
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for chunk in request.content.iter_chunked(CHUNK):
+                    body += chunk
+                    if len(body) > limit:
+                        raise PayloadTooLarge("body_too_large", f"body over the {limit}-byte limit")
+        except TimeoutError:
+            raise RequestTimeout("body_timeout", "the body did not arrive in time") from None
+        return bytes(body)
+
+    async def _process(
+        self,
+        request: web.Request,
+        registration: Registration,
+        body: bytes,
+        fields: dict[str, Any],
+    ) -> web.Response:
+        headers = request.headers
+        if self.config.verification.enabled:
+            if _unsigned(headers) and len(body) <= VALIDATION_PEEK_BYTES:
+                # Adobe's validationUrl POST may come unsigned; it is only logged, never published.
+                delivery = _try_validation(body)
+                if delivery is not None:
+                    return self._validation(registration, delivery, fields)
+            await self.verifier.check(headers, body)
+        delivery = parse_delivery(
+            body, headers.get("x-adobe-event-id"), headers.get("x-adobe-event-code")
+        )
+        if delivery.validation_url is not None:
+            return self._validation(registration, delivery, fields)
+        _describe(delivery, fields)
+        _authorize(delivery, registration)
+        context = RequestContext.from_headers(registration.name, datetime.now(UTC), headers)
+        messages = [
+            build_message(event, target, context)
+            for event in delivery.events
+            for target in self.router.route(event)
+        ]
+        fields["routing_key"] = _one_or_list([m.routing_key for m in messages])
+        await self.publisher.publish(messages)
+        for event in delivery.events:
+            metrics.EVENTS_PUBLISHED.labels(event.event_code, event.job_status or "none").inc()
+        fields["outcome"] = "published"
+        return json_response(200, {"status": "published", "events": len(delivery.events)})
+
+    def _validation(
+        self, registration: Registration, delivery: Delivery, fields: dict[str, Any]
+    ) -> web.Response:
+        metrics.VALIDATION_POSTS.labels(registration.name).inc()
+        log.warning(
+            "validation_url_received",
+            registration=registration.name,
+            validation_url=delivery.validation_url,
+            action="open this URL within 5 minutes to validate the registration",
+        )
+        fields["outcome"] = "validation_url_logged"
+        return json_response(200, {"status": "validation_url_logged"})
+
+
+def _unsigned(headers: Any) -> bool:
+    return not any(headers.get(h) for h in (*SIGNATURE_HEADERS, *KEY_PATH_HEADERS))
+
+
+def _try_validation(body: bytes) -> Delivery | None:
+    try:
+        delivery = parse_delivery(body)
+    except Refusal:
+        return None
+    return delivery if delivery.validation_url is not None else None
+
+
+def _authorize(delivery: Delivery, registration: Registration) -> None:
+    """Every event must name one of our client ids (and, if configured, one of our orgs)."""
+    for i, event in enumerate(delivery.events):
+        where = f"batch element {i}: " if delivery.batch else ""
+        if not any(r in registration.client_ids for r in event.recipients):
+            raise Forbidden(
+                "recipient_mismatch",
+                f"{where}recipient client id is not configured for this registration",
+            )
+        if registration.ims_orgs and event.ims_org not in registration.ims_orgs:
+            raise Forbidden(
+                "org_mismatch", f"{where}IMS org is not configured for this registration"
+            )
+
+
+def _describe(delivery: Delivery, fields: dict[str, Any]) -> None:
+    events = delivery.events
+    fields["events"] = len(events)
+    fields["event_id"] = _one_or_list([e.event_id for e in events])
+    fields["event_code"] = _one_or_list([e.event_code for e in events])
+    fields["job_status"] = _one_or_list([e.job_status or "none" for e in events])
+
+
+def _one_or_list(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
