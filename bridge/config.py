@@ -173,7 +173,7 @@ class _Section:
             return default
         try:
             return convert(text)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             self.doc.fail(self._sub(key), node, f"expected {expected}, got {text!r}")
             return default
 

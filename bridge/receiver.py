@@ -92,9 +92,8 @@ async def answer_middleware(
         response = json_response(
             refusal.status, {"error": refusal.reason, "detail": refusal.detail}, headers
         )
-    except web.HTTPException as exc:  # the router's 404/405
-        outcome = "http_error"
-        response = exc
+    except web.HTTPException:  # the router's 404/405: aiohttp answers them itself
+        raise
     except Exception:  # the last resort: log the bug with its traceback, answer 500, keep serving
         log.exception("request_crashed", method=request.method, path=request.path)
         outcome = "crashed"

@@ -1,0 +1,77 @@
+# events-bridge: two commands do all the set-up on a fresh machine.
+#   make run    venv + dependencies, a RabbitMQ broker, dev keys, then serve on 127.0.0.1:8080
+#   make test   the same set-up, then the whole test suite against the real broker
+#   make check  ruff + mypy (strict) + the tests: the quality gate, as in CI
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LOCAL := .local
+DEV_KEYS := $(LOCAL)/keys
+DEV_KEY := $(DEV_KEYS)/private/pub-key-dev.key.pem
+DEV_CLIENT_ID := events-bridge-dev
+SAMPLE := tests/data/adobe-samples/events/imaging_lightroom-job-status_succeeded.json
+PYTEST_ARGS ?=
+
+.PHONY: help install broker broker-stop run test check lint typecheck fmt lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install the project with its pinned dependencies
+
+broker:  ## find or start a RabbitMQ broker (BRIDGE_AMQP_URL, :5672, Docker, or a private node)
+	@mkdir -p $(LOCAL)
+	@deploy/broker.sh ensure > $(LOCAL)/amqp-url
+
+broker-stop:  ## stop the broker that `make broker` started
+	@deploy/broker.sh stop
+
+$(DEV_KEY): | $(STAMP)
+	@$(BIN)/events-bridge keys generate $(DEV_KEYS) --name dev >/dev/null
+	@echo "generated a development key pair in $(DEV_KEYS)/"
+
+run: install broker $(DEV_KEY)  ## serve on 127.0.0.1:8080 with development settings
+	@echo
+	@echo "events-bridge is starting on http://127.0.0.1:8080/webhook (Ctrl-C stops it)."
+	@echo "In another terminal, watch what it publishes:"
+	@echo "  BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/events-bridge tail"
+	@echo "and in a third, send it a signed Lightroom event as Adobe would:"
+	@echo "  $(BIN)/events-bridge simulate --url http://127.0.0.1:8080/webhook \\"
+	@echo "      --key $(DEV_KEY) --key-path /prod/keys/pub-key-dev.pem \\"
+	@echo "      --client-id $(DEV_CLIENT_ID) $(SAMPLE)"
+	@echo
+	BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) \
+	BRIDGE_CLIENT_IDS=$(DEV_CLIENT_ID) \
+	BRIDGE_KEY_BASE_URL=file://$(CURDIR)/$(DEV_KEYS) \
+	exec $(BIN)/events-bridge serve --config config/bridge.yaml
+
+test: install broker  ## run the whole test suite against a real broker
+	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
+
+lint:  ## ruff
+	$(BIN)/ruff check bridge tests
+	$(BIN)/ruff format --check bridge tests
+
+typecheck:  ## mypy --strict
+	$(BIN)/mypy
+
+check: install lint typecheck test  ## the quality gate: ruff, mypy, tests
+
+fmt:  ## format the code
+	$(BIN)/ruff format bridge tests
+	$(BIN)/ruff check --fix bridge tests
+
+lock: install  ## refresh constraints.txt from the installed environment
+	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check > constraints.txt
+
+clean:  ## remove the venv and caches (keeps .local/, the broker's data and dev keys)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,46 @@
+"""Fixtures: a real RabbitMQ broker for the session, found as the Makefile finds it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """The broker URL: the env URL, else testcontainers where Docker answers, else a local node."""
+    url = os.environ.get("BRIDGE_TEST_AMQP_URL") or os.environ.get("BRIDGE_AMQP_URL")
+    if url:
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3-management") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(container.port)
+            yield f"amqp://guest:guest@{host}:{port}/"
+        return
+    found = subprocess.run(
+        [str(ROOT / "deploy" / "broker.sh"), "ensure"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    if found.returncode != 0:
+        pytest.fail(f"no RabbitMQ broker could be found or started:\n{found.stderr}")
+    yield found.stdout.strip()

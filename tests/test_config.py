@@ -1,0 +1,157 @@
+"""Config: env substitution, typed values, and problems that name their YAML path and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import MAX_KEY_CACHE_SECONDS, load_config, parse_config
+from bridge.errors import ConfigError
+
+SHIPPED = Path(__file__).parent.parent / "config" / "bridge.yaml"
+ENV = {"BRIDGE_CLIENT_IDS": "id-one, id-two"}
+
+MINIMAL = """\
+registrations:
+  - name: main
+    path: /hook
+    client_ids: [a]
+"""
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "t.yaml", env or {})
+    return caught.value.problems
+
+
+def test_shipped_config_reads_the_spec_variables_with_their_defaults() -> None:
+    config = load_config(SHIPPED, ENV)
+    assert config.broker.url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
+    assert config.registrations[0].client_ids == ("id-one", "id-two")
+    assert config.verification.key_base_url == "https://static.adobeioevents.com"
+    assert config.outbox.dir == ".local/outbox"
+    assert config.logging.format == "auto"
+    assert config.broker.exchange == "adobe.events"
+    assert config.broker.unrouted_exchange == config.broker.unrouted_queue == "adobe.unrouted"
+
+
+def test_shipped_config_takes_every_variable_from_the_environment() -> None:
+    env = {
+        **ENV,
+        "BRIDGE_AMQP_URL": "amqps://u:p@broker:5671/vh",
+        "BRIDGE_HOST": "0.0.0.0",
+        "BRIDGE_PORT": "9000",
+        "BRIDGE_KEY_BASE_URL": "file:///keys",
+        "BRIDGE_OUTBOX_DIR": "/var/spool/bridge",
+        "BRIDGE_LOG_FORMAT": "json",
+    }
+    config = load_config(SHIPPED, env)
+    assert config.broker.url == "amqps://u:p@broker:5671/vh"
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    assert config.verification.key_base_url == "file:///keys"
+    assert config.outbox.dir == "/var/spool/bridge"
+    assert config.logging.format == "json"
+
+
+def test_shipped_config_refuses_to_start_without_client_ids() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(SHIPPED, {})
+    (problem,) = caught.value.problems
+    assert problem.startswith("registrations[0].client_ids: environment variable "
+                              "BRIDGE_CLIENT_IDS is not set (bridge.yaml:")
+
+
+def test_minimal_config_gets_safe_defaults() -> None:
+    config = parse_config(MINIMAL, "t.yaml", {})
+    assert config.verification.enabled is True
+    assert config.verification.key_cache_seconds == MAX_KEY_CACHE_SECONDS
+    assert config.server.max_body_bytes == 10 * 1024 * 1024
+    assert config.registrations[0].path == "/hook"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("a: ${X:-fallback}\n", {}, "fallback"),
+        ("a: ${X:-fallback}\n", {"X": ""}, "fallback"),
+        ("a: ${X:-fallback}\n", {"X": "set"}, "set"),
+        ("a: pre-${X}-post\n", {"X": "mid"}, "pre-mid-post"),
+        ("a: $${X}\n", {"X": "no"}, "${X}"),
+    ],
+)
+def test_variables_are_replaced_inside_values(text: str, env: dict[str, str], expected: str) -> None:
+    body = text.replace("a:", "  host:")
+    config = parse_config("server:\n" + body + MINIMAL, "t.yaml", env)
+    assert config.server.host == expected
+
+
+def test_a_variable_cannot_inject_yaml_structure() -> None:
+    text = "server:\n  host: ${X}\n" + MINIMAL
+    config = parse_config(text, "t.yaml", {"X": "a\nport: 1"})
+    assert config.server.host == "a\nport: 1"
+    assert config.server.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("bogus: 1\n" + MINIMAL, "bogus: unknown key (allowed here: broker, logging, outbox, "
+         "registrations, server, verification) (t.yaml:1)"),
+        ("server:\n  port: 70000\n" + MINIMAL,
+         "server.port: expected a whole number from 0 to 65535, got '70000' (t.yaml:2)"),
+        ("broker:\n  publish_timeout: soon\n" + MINIMAL,
+         "broker.publish_timeout: expected a number from 0.1 to 9, got 'soon' (t.yaml:2)"),
+        ("broker:\n  url: http://x\n" + MINIMAL,
+         "broker.url: expected a value matching ^amqps?://, got 'http://x' (t.yaml:2)"),
+        ("verification:\n  enabled: maybe\n" + MINIMAL,
+         "verification.enabled: expected true or false, got 'maybe' (t.yaml:2)"),
+        ("verification:\n  key_cache_seconds: 90000\n" + MINIMAL,
+         "verification.key_cache_seconds: expected a number from 0 to 86400, got '90000' (t.yaml:2)"),
+        ("verification:\n  key_base_url: https://evil/x/\n" + MINIMAL,
+         "verification.key_base_url: expected a value matching"),
+        ("logging:\n  format: xml\n" + MINIMAL,
+         "logging.format: expected one of auto, json, console, got 'xml' (t.yaml:2)"),
+        ("registrations: []\n", "registrations: expected a non-empty list of registrations (t.yaml:1)"),
+        ("server: {}\n", "registrations: at least one registration is required"),
+        ("registrations:\n  - name: a\n    client_ids: [x]\n    colour: red\n",
+         "registrations[0].colour: unknown key"),
+        ("registrations:\n  - name: a\n    path: /healthz\n    client_ids: [x]\n",
+         "registrations[0].path: /healthz is reserved (t.yaml:3)"),
+        ("registrations:\n  - name: a\n    path: /w\n", "registrations[0].client_ids: required"),
+        ("registrations:\n  - {name: a, client_ids: [x]}\n  - {name: a, path: /b, client_ids: [y]}\n",
+         "registrations[1].name: duplicate 'a' (t.yaml:3)"),
+        ("server:\n  host: [1, 2]\n" + MINIMAL,
+         "server.host: expected a single value, not a list or mapping (t.yaml:2)"),
+        ("server: [\n", "(top): not valid YAML"),
+        ("server:\n  port: 1\n  port: 2\n" + MINIMAL, "server.port: duplicate key (t.yaml:3)"),
+        ("broker:\n  exchange: a\n  unrouted_exchange: a\n" + MINIMAL,
+         "broker.unrouted_exchange: must differ from broker.exchange (t.yaml:3)"),
+    ],
+)
+def test_each_problem_names_its_path_and_line(text: str, expected: str) -> None:
+    found = problems(text)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems("server:\n  port: x\n  host: ''\nlogging:\n  level: loud\n" + MINIMAL)
+    assert len(found) == 3
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(MINIMAL, "t.yaml", {})
+    with pytest.raises(AttributeError):
+        config.server.port = 1  # type: ignore[misc]
+
+
+def test_unset_variables_in_sections_not_read_are_no_problem() -> None:
+    config = load_config(SHIPPED, {}, sections=("broker",))
+    assert config.broker.exchange == "adobe.events"

@@ -1,0 +1,164 @@
+"""Envelopes: every sample in events/ gets the code, id and status its INDEX.md gives."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.adobe.envelope import decode_json, parse_delivery, split_array
+from bridge.errors import BadRequest
+from tests.helpers import EVENTS, SAMPLES
+
+H_ID, H_CODE = "header-event-id", "header.event.code"  # x-adobe-event-id/-code (derived)
+
+# file → [(event code, event id, job id, job status)], from events/INDEX.md §3. Judgments:
+# CloudEvents without eventid take the header id (never the CloudEvents `id`); InDesign's
+# data.value.state is a state-machine step, not an Imaging job status, so it routes as `.none`.
+EXPECTED: dict[str, list[tuple[str, str, str | None, str | None]]] = {
+    "imaging_lightroom-job-status_succeeded.json": [
+        ("lightroom-job-status", "7b59cc70-88d7-4895-b204-87f5350a0cce",
+         "eb4a9211-eb8a-4e88-b853-b9c08ba47427", "succeeded")],
+    "imaging_photoshop-job-status_succeeded_documentManifest.json": [
+        ("photoshop-job-status", "b412a90e-8bc0-4f0d-931e-9e9b8d24993d",
+         "63c6e812-6cb8-43de-8a60-3681a9ec6feb", "succeeded")],
+    "cloudevents_aem_sites_contentFragment_modified_captured.json": [
+        ("aem.sites.contentFragment.modified", "a0f3fb7d-b02c-4612-aac6-e472b80af793", None, None)],
+    "cloudevents_marketo_changesegment_webhook-example.json": [
+        ("com.adobe.platform.marketo.activity.standard.changesegment",
+         "8927ce83-2f10-4df9-9eb4-09c381bc4778", None, None)],
+    "cloudevents_indesign_ASSET_DOWNLOAD_FAILED_single.json": [
+        ("ASSET_DOWNLOAD_FAILED", "f60a502e-c16b-49c6-b3c1-770666a1921f", None, None)],
+    "cloudevents_aem_assets_asset_published_sdf-example.json": [
+        ("aem.assets.asset.published", H_ID, None, None)],
+    "cloudevents_admin_auditlogs_v1.json": [("com.adobe.adminconsole.auditlogs.v1", H_ID, None, None)],
+    "cloudevents_contentlogs_read.json": [
+        ("com.adobe.acp.contentlogs.read", "1abfc513-da4b-45ad-91ed-439ba7273b45", None, None)],
+    "cloudevents_faq_examplelogin.json": [("examplelogin", H_ID, None, None)],
+    "cloudevents_aem_faq_template.json": [("the_AEM_event_code", H_ID, None, None)],
+    "cloudevents_journal_entry_aio-lib-java.json": [
+        ("com.adobe.events.egqa.code1", "b6430251-14ec-454e-b49a-f8d9c41026be", None, None)],
+    "batch_cloudevents_indesign_job_states.json": [
+        ("QUEUED", "420c1092", None, None),
+        ("ASSETS_DOWNLOAD_STARTED", "d1c47805", None, None),
+        ("ASSET_DOWNLOAD_STARTED", "1bf6e136", None, None)],
+    "batch_cloudevents_marketo_lead_activity.json": [
+        ("com.adobe.platform.marketo.activity.standard.openemail", "ec2c6092", None, None),
+        ("com.adobe.platform.marketo.activity.standard.visitwebpage", "97980214", None, None)],
+    "batch_wrapped_marketo_user_audit.json": [
+        ("com.adobe.platform.marketo.audit.user.email", "cf904f43", None, None),
+        ("com.adobe.platform.marketo.audit.user.landingpage", "e931c3ec", None, None)],
+    "batch_wrapped_marketo_notification.json": [
+        ("com.adobe.platform.marketo.notification.web_services", "64e73a16", None, None),
+        ("com.adobe.platform.marketo.notification.campaign_failure", "1519a09d", None, None)],
+    "wrapped_marketo_user_audit_single.json": [
+        ("com.adobe.platform.marketo.audit.user.email", "a9ef9c3c", None, None)],
+    "legacy_analytics_triggers.json": [(H_CODE, "52ebf673-8aeb-4347-8852-bf86a18292e4", None, None)],
+    "legacy_aem_faq_template.json": [(H_CODE, "the_AEM_event_id", None, None)],
+    "legacy_aem_asset_created_with_recipient_client_id.json": [
+        (H_CODE, "xxxxx-ac2f-4825-ad46-07dc417f5a8d", None, None)],
+    "legacy_aem_asset_created_without_recipient_client_id.json": [
+        (H_CODE, "xxxxx-ac2f-4825-ad46-07dc417f5a8d", None, None)],
+    "xdm_bare_aem_asset_created_acme-example.json": [(H_CODE, H_ID, None, None)],
+    "xdm_bare_cc_asset_created_aio-lib-java.json": [(H_CODE, H_ID, None, None)],
+}
+
+
+def test_every_sample_is_in_the_table() -> None:
+    assert {p.name for p in EVENTS.glob("*.json")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize(("name", "expected"), sorted(EXPECTED.items()))
+def test_sample_parses_as_its_index_says(
+    name: str, expected: list[tuple[str, str, str | None, str | None]]
+) -> None:
+    raw = (EVENTS / name).read_bytes()
+    delivery = parse_delivery(raw, H_ID, H_CODE)
+    assert delivery.batch == name.startswith("batch_")
+    assert len(delivery.events) == len(expected)
+    for event, (code, event_id, job, status) in zip(delivery.events, expected, strict=True):
+        assert event.event_code == code
+        assert event.event_id.startswith(event_id)
+        assert event.job_id == job
+        assert event.job_status == status
+        assert orjson.loads(event.body) == event.document
+    if not delivery.batch:
+        assert delivery.events[0].body == raw  # single delivery: the exact request bytes
+
+
+def test_batch_headers_never_name_an_event() -> None:
+    raw = (EVENTS / "batch_cloudevents_marketo_lead_activity.json").read_bytes()
+    events = parse_delivery(raw, H_ID, H_CODE).events
+    assert H_ID not in {e.event_id for e in events}
+
+
+def test_cloudevents_id_is_never_the_event_id() -> None:
+    raw = (EVENTS / "cloudevents_aem_assets_asset_published_sdf-example.json").read_bytes()
+    with pytest.raises(BadRequest, match="no event id"):
+        parse_delivery(raw)
+
+
+def test_validation_post_is_not_an_event() -> None:
+    raw = (SAMPLES / "control" / "async_validation_post_body.json").read_bytes()
+    delivery = parse_delivery(raw)
+    assert delivery.events == ()
+    assert delivery.validation_url is not None
+    assert delivery.validation_url.startswith("https://")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "bad_json"),
+        (b"not json", "bad_json"),
+        (b"\xff\xfe{}", "bad_utf8"),
+        (b"[]", "empty_batch"),
+        (b'"a string"', "not_an_event"),
+        (b"42", "not_an_event"),
+        (b"[1, 2]", "not_an_event"),
+        (b'{"a": NaN}', "bad_json"),
+        (b'{"event_id": "x"}', "no_event_code"),
+        (b'{"specversion": "1.0", "type": "t"}', "no_event_id"),
+        (b'{"eventid": "' + b"x" * 300 + b'", "type": "t", "specversion": "1.0"}', "field_too_long"),
+        (b"[" * 100_000, "bad_json"),
+        (b'{"eventid": "\\ud800", "specversion": "1.0", "type": "t"}', "no_event_id"),
+    ],
+)
+def test_malformed_bodies_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_delivery(raw)
+    assert caught.value.reason == reason
+
+
+def test_valid_json_orjson_refuses_still_parses() -> None:
+    # A lone surrogate escape is valid JSON; Adobe could sign it. It must not crash us.
+    raw = b'{"eventid": "e1", "specversion": "1.0", "type": "t", "data": {"s": "\\ud800"}}'
+    (event,) = parse_delivery(raw).events
+    assert event.event_id == "e1"
+    assert event.body == raw
+
+
+def test_huge_numbers_survive_byte_exact_in_a_batch() -> None:
+    element = b'{"eventid":"e1","specversion":"1.0","type":"t","data":{"n":' + b"9" * 40 + b"}}"
+    raw = b"[ " + element + b" ,\n" + element.replace(b"e1", b"e2") + b"]"
+    events = parse_delivery(raw).events
+    assert [e.body for e in events] == [element, element.replace(b"e1", b"e2")]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.lists(json_values, max_size=6), st.sampled_from(["", " ", "\n  "]))
+def test_split_array_returns_each_element_byte_exact(items: list[object], gap: str) -> None:
+    parts = [json.dumps(item, separators=(",", ":")).encode() for item in items]
+    raw = ("[" + gap).encode() + (gap + "," + gap).encode().join(parts) + (gap + "]").encode()
+    assert split_array(raw) == parts
+    assert [decode_json(p) for p in parts] == items

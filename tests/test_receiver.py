@@ -1,0 +1,341 @@
+"""The HTTP edge with a fake publisher: every answer of SPEC §3, signatures against a key server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.app import create_app
+from bridge.config import Config, Registration
+from bridge.message import Outbound
+from tests.helpers import CLIENT_ID, EVENTS, KEY_PATH, SAMPLES, FakePublisher, KeyServer, \
+    SigningKey, make_config
+
+Client = TestClient[web.Request, web.Application]
+LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
+
+
+def event_body(**extra: Any) -> bytes:
+    return orjson.dumps({**LIGHTROOM, "recipient_client_id": CLIENT_ID, **extra})
+
+
+@pytest.fixture(scope="module")
+def signer() -> SigningKey:
+    return SigningKey.generate()
+
+
+@pytest.fixture
+async def keys(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], signer: SigningKey
+) -> AsyncIterator[tuple[KeyServer, str]]:
+    server = KeyServer()
+    server.keys[KEY_PATH] = signer.public_pem
+    running = await aiohttp_server(server.app())
+    yield server, str(running.make_url("")).rstrip("/")
+
+
+@dataclasses.dataclass
+class Bridge:
+    client: Client
+    publisher: FakePublisher
+    keys: KeyServer
+    signer: SigningKey
+
+    async def post(self, body: bytes, **headers: str) -> Any:
+        return await self.client.post("/webhook", data=body,
+                                      headers=self.signer.headers(body, **headers))
+
+
+@pytest.fixture
+def make_bridge(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    keys: tuple[KeyServer, str],
+    signer: SigningKey,
+) -> Callable[..., Awaitable[Bridge]]:
+    async def make(config: Config | None = None, **server: Any) -> Bridge:
+        config = config or make_config(key_base_url=keys[1], **server)
+        publisher = FakePublisher()
+        client = await aiohttp_client(create_app(config, publisher))
+        return Bridge(client, publisher, keys[0], signer)
+
+    return make
+
+
+@pytest.fixture
+async def bridge(make_bridge: Callable[..., Awaitable[Bridge]]) -> Bridge:
+    return await make_bridge()
+
+
+async def test_challenge_is_echoed_as_json(bridge: Bridge) -> None:
+    response = await bridge.client.get("/webhook", params={"challenge": "8ec8d794-e0ab-42df"})
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == {"challenge": "8ec8d794-e0ab-42df"}
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("value", ["<script>alert(1)</script>", '"quoted"', "a b", "x" * 300, ""])
+async def test_hostile_challenge_is_refused(bridge: Bridge, value: str) -> None:
+    response = await bridge.client.get("/webhook", params={"challenge": value})
+    assert response.status == 400
+    assert "<script>" not in await response.text()
+
+
+async def test_get_without_challenge_is_a_400(bridge: Bridge) -> None:
+    assert (await bridge.client.get("/webhook")).status == 400
+
+
+async def test_signed_event_is_published_with_spec_properties(bridge: Bridge) -> None:
+    body = event_body()
+    response = await bridge.post(body, **{"x-adobe-provider": "p", "x-adobe-retry-count": "2",
+                                          "traceparent": "00-ab-cd-01"})
+    assert response.status == 200
+    assert await response.json() == {"status": "published", "events": 1}
+    (message,) = bridge.publisher.published
+    assert message.routing_key == "lightroom-job-status.succeeded"
+    assert message.body == body
+    assert message.message_id == "7b59cc70-88d7-4895-b204-87f5350a0cce"
+    assert message.type == "lightroom-job-status"
+    assert message.headers["job-id"] == "eb4a9211-eb8a-4e88-b853-b9c08ba47427"
+    assert message.headers["job-status"] == "succeeded"
+    assert message.headers["adobe-provider"] == "p"
+    assert message.headers["adobe-retry-count"] == "2"
+    assert message.headers["traceparent"] == "00-ab-cd-01"
+    assert message.headers["registration"] == "default"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", "application/cloudevents+json",
+     "application/cloudevents-batch+json", "application/vnd.adobe.events+json"],
+)
+async def test_json_content_types_are_accepted(bridge: Bridge, content_type: str) -> None:
+    response = await bridge.post(event_body(), **{"content-type": content_type})
+    assert response.status == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "multipart/form-data", ""])
+async def test_other_content_types_get_415(bridge: Bridge, content_type: str) -> None:
+    body = event_body()
+    headers = bridge.signer.headers(body)
+    if content_type:
+        headers["content-type"] = content_type
+    else:
+        del headers["content-type"]
+    response = await bridge.client.post("/webhook", data=body, headers=headers)
+    assert response.status == 415
+    assert bridge.publisher.published == []
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+async def test_other_methods_get_405(bridge: Bridge, method: str) -> None:
+    assert (await bridge.client.request(method, "/webhook")).status == 405
+
+
+async def test_body_over_the_limit_gets_413(make_bridge: Callable[..., Awaitable[Bridge]]) -> None:
+    bridge = await make_bridge(max_body_bytes=2048)
+    body = event_body(padding="x" * 4096)
+    response = await bridge.post(body)
+    assert response.status == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b" " * 1024
+
+    headers = bridge.signer.headers(b"")
+    response = await bridge.client.post("/webhook", data=chunks(), headers=headers)
+    assert response.status == 413
+    assert bridge.publisher.published == []
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"x-adobe-digital-signature-1": "", "x-adobe-digital-signature-2": ""},
+         "signature_missing"),
+        ({"x-adobe-public-key1-path": "//evil/x.pem", "x-adobe-public-key2-path": "/../x"},
+         "signature_missing"),
+        ({"x-adobe-digital-signature-1": "c29tZSByYW5kb20gU3RyaW5n",
+          "x-adobe-digital-signature-2": "c29tZSByYW5kb20gU3RyaW5n"}, "signature_invalid"),
+        ({"x-adobe-public-key1-path": "/prod/keys/pub-key-unknown.pem",
+          "x-adobe-public-key2-path": "/prod/keys/pub-key-unknown.pem"}, "signature_invalid"),
+    ],
+)
+async def test_bad_signatures_get_401(bridge: Bridge, change: dict[str, str], reason: str) -> None:
+    body = event_body()
+    headers = {**bridge.signer.headers(body), **change}
+    response = await bridge.client.post("/webhook", data=body, headers=headers)
+    assert response.status == 401
+    assert (await response.json())["error"] == reason
+    assert bridge.publisher.published == []
+    assert all(hit.startswith("/prod/keys/") for hit in bridge.keys.hits)
+
+
+async def test_tampered_body_gets_401(bridge: Bridge) -> None:
+    body = event_body()
+    headers = bridge.signer.headers(body)
+    tampered = body.replace(b"succeeded", b"failed")
+    response = await bridge.client.post("/webhook", data=tampered, headers=headers)
+    assert response.status == 401
+    assert bridge.publisher.published == []
+
+
+async def test_either_signature_suffices(bridge: Bridge) -> None:
+    body = event_body()
+    response = await bridge.post(body, **{"x-adobe-digital-signature-1": "AAAA"})
+    assert response.status == 200
+
+
+async def test_wrong_recipient_gets_403(bridge: Bridge) -> None:
+    body = orjson.dumps({**LIGHTROOM, "recipientclientid": "someone-else"})
+    response = await bridge.post(body)
+    assert response.status == 403
+    assert (await response.json())["error"] == "recipient_mismatch"
+
+
+async def test_missing_recipient_gets_403(bridge: Bridge) -> None:
+    response = await bridge.post(orjson.dumps(LIGHTROOM))
+    assert response.status == 403
+
+
+async def test_batch_with_one_stranger_is_refused_whole(bridge: Bridge) -> None:
+    good = {**LIGHTROOM, "recipientclientid": CLIENT_ID}
+    stranger = {**LIGHTROOM, "event_id": "other", "recipientclientid": "x"}
+    response = await bridge.post(orjson.dumps([good, stranger]))
+    assert response.status == 403
+    assert "batch element 1" in (await response.json())["detail"]
+    assert bridge.publisher.published == []
+
+
+async def test_batch_publishes_one_message_per_event(bridge: Bridge) -> None:
+    events = [{**LIGHTROOM, "event_id": f"e{i}", "recipientclientid": CLIENT_ID}
+              for i in range(3)]
+    response = await bridge.post(orjson.dumps(events))
+    assert response.status == 200
+    assert [m.message_id for m in bridge.publisher.published] == ["e0", "e1", "e2"]
+    assert all(orjson.loads(m.body) == e for m, e in zip(bridge.publisher.published, events,
+                                                         strict=True))
+
+
+async def test_ims_org_allow_list(
+    make_bridge: Callable[..., Awaitable[Bridge]], keys: tuple[KeyServer, str]
+) -> None:
+    config = make_config(key_base_url=keys[1])
+    registration = Registration("default", "/webhook", (CLIENT_ID,), ("ORG1@AdobeOrg",))
+    bridge = await make_bridge(dataclasses.replace(config, registrations=(registration,)))
+    assert (await bridge.post(event_body())).status == 403
+    header = {**LIGHTROOM["event"]["header"], "imsOrgId": "ORG1@AdobeOrg"}
+    body = event_body(event={**LIGHTROOM["event"], "header": header})
+    assert (await bridge.post(body)).status == 200
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b'"x"', b"\xff\xfe", b""])
+async def test_signed_garbage_gets_400(bridge: Bridge, body: bytes) -> None:
+    response = await bridge.post(body)
+    assert response.status == 400
+    assert bridge.publisher.published == []
+
+
+async def test_unsigned_validation_url_is_logged_not_published(bridge: Bridge) -> None:
+    body = (SAMPLES / "control" / "async_validation_post_body.json").read_bytes()
+    response = await bridge.client.post("/webhook", data=body,
+                                        headers={"content-type": "application/json"})
+    assert response.status == 200
+    assert (await response.json())["status"] == "validation_url_logged"
+    assert bridge.publisher.published == []
+    metrics = await (await bridge.client.get("/metrics")).text()
+    assert 'bridge_validation_url_posts_total{registration="default"}' in metrics
+
+
+async def test_unsigned_event_gets_401(bridge: Bridge) -> None:
+    response = await bridge.client.post("/webhook", data=event_body(),
+                                        headers={"content-type": "application/json"})
+    assert response.status == 401
+
+
+async def test_broker_down_gives_503_with_retry_after(bridge: Bridge) -> None:
+    bridge.publisher.fail = True
+    response = await bridge.post(event_body())
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) > 0
+
+
+async def test_readiness_follows_the_publisher(bridge: Bridge) -> None:
+    assert (await bridge.client.get("/healthz")).status == 200
+    assert (await bridge.client.get("/readyz")).status == 200
+    bridge.publisher.ready = False
+    assert (await bridge.client.get("/readyz")).status == 503
+    assert (await bridge.client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize(("behaviour", "limit"), [("error", 2.0), ("hang", 2.5),
+                                                  ("redirect", 2.0), ("huge", 2.0)])
+async def test_key_host_trouble_is_a_fast_503(bridge: Bridge, behaviour: str, limit: float) -> None:
+    bridge.keys.behaviour[KEY_PATH] = behaviour
+    started = time.monotonic()
+    response = await bridge.post(event_body())
+    assert response.status == 503
+    assert time.monotonic() - started < limit
+    assert (await response.json())["error"] == "key_unavailable"
+    assert bridge.publisher.published == []
+    # The cache is not poisoned: once the host behaves, the same key works.
+    del bridge.keys.behaviour[KEY_PATH]
+    assert (await bridge.post(event_body())).status == 200
+
+
+async def test_concurrent_requests_fetch_a_key_once(bridge: Bridge) -> None:
+    responses = await asyncio.gather(*(bridge.post(event_body()) for _ in range(20)))
+    assert [r.status for r in responses] == [200] * 20
+    assert bridge.keys.hits == [KEY_PATH]
+
+
+class SlowPublisher(FakePublisher):
+    async def publish(self, messages: Sequence[Outbound]) -> None:
+        await asyncio.sleep(60)
+
+
+async def test_every_answer_comes_within_the_deadline(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    keys: tuple[KeyServer, str], signer: SigningKey,
+) -> None:
+    config = make_config(key_base_url=keys[1], answer_deadline=1.0)
+    client = await aiohttp_client(create_app(config, SlowPublisher()))
+    body = event_body()
+    started = time.monotonic()
+    response = await client.post("/webhook", data=body, headers=signer.headers(body))
+    assert response.status == 503
+    assert (await response.json())["error"] == "deadline"
+    assert time.monotonic() - started < 2.0
+
+
+async def test_a_body_that_never_arrives_gets_408(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+) -> None:
+    bridge = await make_bridge(answer_deadline=1.0)
+    server = bridge.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"partial\":")
+    await writer.drain()
+    started = time.monotonic()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.split()[1] == b"408"
+    assert time.monotonic() - started < 2.0
+    writer.close()
+
+
+async def test_metrics_are_prometheus_text(bridge: Bridge) -> None:
+    await bridge.post(event_body())
+    response = await bridge.client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    assert 'bridge_requests_total{outcome="published",registration="default",status="200"}' in text
