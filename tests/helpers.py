@@ -135,3 +135,12 @@ class FakePublisher:
         if self.fail:
             raise BrokerUnavailable("not_connected", "fake broker is down")
         self.published.extend(messages)
+
+
+def key_folder(root: Path, signer: SigningKey, *paths: str) -> str:
+    """Write the signer's public key under ``root`` at each path; return the file:// base URL."""
+    for path in paths or (KEY_PATH,):
+        file = root / path.lstrip("/")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(signer.public_pem)
+    return f"file://{root}"

@@ -10,9 +10,10 @@ A body of only ``{"validationUrl": ...}`` is Adobe's asynchronous URL validation
 Any other JSON object is taken as a bare event when its id and code can be found.
 
 Owns: the event id (``eventid``, else ``event_id``, else the ``x-adobe-event-id`` header on a
-single delivery; never the CloudEvents ``id``), the event code (CloudEvents ``type``, else
+single delivery; never the CloudEvents ``id``; failing all three, ``sha256:`` + the hex digest
+of the event's bytes), the event code (CloudEvents ``type``, else
 ``event.header.eventCode`` or ``event.header._adobeio.eventCode``, else the type of a CloudEvent
-wrapped in ``event.body``, else the ``x-adobe-event-code`` header on a single delivery), the
+wrapped in ``event.body``, else the ``x-adobe-event-code`` header on a single delivery, else ``unknown``), the
 recipient client ids, the IMS org, and the job id and aggregate status (``bridge.adobe.jobstatus``).
 Each event keeps its own bytes: the whole body for a single delivery, and for a batch the
 element's bytes cut from the array unchanged, so nothing is re-encoded and numbers, escapes and
@@ -23,6 +24,7 @@ Does not: check signatures or recipients (the receiver does), or touch the netwo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from bridge.adobe.jobstatus import job_id, job_status
 from bridge.errors import BadRequest
 
 MAX_FIELD_BYTES = 255  # AMQP short strings: message_id, type
+UNKNOWN_CODE = "unknown"
 
 
 @dataclass(frozen=True)
@@ -195,12 +198,12 @@ def _event(
     if not isinstance(doc, dict):
         raise BadRequest("not_an_event", f"{where}expected a JSON object")
     envelope = _envelope(doc)
-    event_id = _first(doc, _ID_PATHS) or header_id
-    code = _code(doc, envelope) or header_code
-    if event_id is None:
-        raise BadRequest("no_event_id", f"{where}no event id (eventid, event_id)")
-    if code is None:
-        raise BadRequest("no_event_code", f"{where}no event code (type, event.header.eventCode)")
+    # Adobe gives every event an id and a code; should one be missing we still publish rather
+    # than drop a genuine event (a 4xx is never retried): the id is then a digest of the event's
+    # own bytes (stable across Adobe's retries, so consumers can still deduplicate) and the code
+    # is "unknown" (routed to `unknown.<status>`, parked in adobe.unrouted if nobody binds it).
+    event_id = _first(doc, _ID_PATHS) or header_id or "sha256:" + hashlib.sha256(raw).hexdigest()
+    code = _code(doc, envelope) or header_code or UNKNOWN_CODE
     for name, value in (("event id", event_id), ("event code", code)):
         if len(value.encode("utf-8")) > MAX_FIELD_BYTES:
             raise BadRequest("field_too_long", f"{where}{name} longer than {MAX_FIELD_BYTES} bytes")

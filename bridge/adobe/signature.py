@@ -51,20 +51,21 @@ def key_path_allowed(path: str) -> bool:
 def signed_pairs(headers: Mapping[str, str]) -> tuple[list[SignedPair], list[str]]:
     """Read the signature/key-path header pairs.
 
-    Returns the usable pairs and, for each pair that is not usable, a short reason. A pair is
-    usable when both headers are present, the signature is strict base64 and the key path is
-    allowed. Headers are looked up case-insensitively by the caller's mapping (aiohttp's is).
+    Adobe always sends all four headers; like Adobe's Java SDK we require all four, so a request
+    missing one is refused whatever the other pair says. Returns the usable pairs and, for each
+    unusable one, a short reason. A pair is usable when its signature is strict base64 and its
+    key path is allowed. ``headers`` must be case-insensitive (aiohttp's are).
     """
+    missing = [h for h in (*SIGNATURE_HEADERS, *KEY_PATH_HEADERS) if not headers.get(h, "").strip()]
+    if missing:
+        return [], [f"header missing: {', '.join(missing)}"]
     pairs: list[SignedPair] = []
     problems: list[str] = []
     for n, (sig_header, path_header) in enumerate(
         zip(SIGNATURE_HEADERS, KEY_PATH_HEADERS, strict=True), 1
     ):
-        sig_text = headers.get(sig_header, "").strip()
-        path = headers.get(path_header, "").strip()
-        if not sig_text or not path:
-            problems.append(f"signature {n}: header missing")
-            continue
+        sig_text = headers[sig_header].strip()
+        path = headers[path_header].strip()
         if not key_path_allowed(path):
             problems.append(f"signature {n}: key path not allowed")
             continue
