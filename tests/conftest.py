@@ -17,7 +17,12 @@ def _docker_answers() -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+        return (
+            subprocess.run(
+                ["docker", "info"], capture_output=True, timeout=10, check=False
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -39,7 +44,10 @@ def amqp_url() -> Iterator[str]:
         return
     found = subprocess.run(
         [str(ROOT / "deploy" / "broker.sh"), "ensure"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if found.returncode != 0:
         pytest.fail(f"no RabbitMQ broker could be found or started:\n{found.stderr}")

@@ -34,8 +34,9 @@ LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json"
 
 
 def lightroom(event_id: str = "7b59cc70-88d7-4895-b204-87f5350a0cce", **extra: Any) -> bytes:
-    return orjson.dumps({**LIGHTROOM, "event_id": event_id, "recipient_client_id": CLIENT_ID,
-                         **extra})
+    return orjson.dumps(
+        {**LIGHTROOM, "event_id": event_id, "recipient_client_id": CLIENT_ID, **extra}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,9 @@ class Bridge:
 @pytest.fixture
 def make_bridge(
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
-    amqp_url: str, signer: SigningKey, tmp_path: Path,
+    amqp_url: str,
+    signer: SigningKey,
+    tmp_path: Path,
 ) -> Callable[..., Awaitable[Bridge]]:
     async def make(url: str | None = None, wait: bool = True) -> Bridge:
         config = make_config(key_base_url=key_folder(tmp_path, signer), amqp_url=url or amqp_url)
@@ -109,14 +112,20 @@ def make_bridge(
 
 
 async def test_event_arrives_with_every_spec_property_and_header(
-    make_bridge: Callable[..., Awaitable[Bridge]], consumer: aio_pika.abc.AbstractChannel,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     bridge = await make_bridge()
     queue = await bind_queue(consumer, bridge.config.broker.exchange, "lightroom-job-status.*")
     body = lightroom()
-    headers = bridge.signer.headers(body, **{"x-adobe-provider": "di_event_code",
-                                             "x-adobe-retry-count": "1",
-                                             "traceparent": "00-aa-bb-01"})
+    headers = bridge.signer.headers(
+        body,
+        **{
+            "x-adobe-provider": "di_event_code",
+            "x-adobe-retry-count": "1",
+            "traceparent": "00-aa-bb-01",
+        },
+    )
     before = datetime.now(UTC).replace(microsecond=0)
     response = await bridge.client.post("/webhook", data=body, headers=headers)
     assert response.status == 200
@@ -145,7 +154,8 @@ async def test_event_arrives_with_every_spec_property_and_header(
 
 
 async def test_batch_gives_one_message_per_event_and_topic_bindings_work(
-    make_bridge: Callable[..., Awaitable[Bridge]], consumer: aio_pika.abc.AbstractChannel,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     bridge = await make_bridge()
     failed = await bind_queue(consumer, bridge.config.broker.exchange, "*.failed")
@@ -153,8 +163,12 @@ async def test_batch_gives_one_message_per_event_and_topic_bindings_work(
     body_failed = {**LIGHTROOM["event"]["body"], "outputs": [{"status": "failed"}]}
     events = [
         {**LIGHTROOM, "event_id": "b1", "recipientclientid": CLIENT_ID},
-        {**LIGHTROOM, "event_id": "b2", "recipientclientid": CLIENT_ID,
-         "event": {**LIGHTROOM["event"], "body": body_failed}},
+        {
+            **LIGHTROOM,
+            "event_id": "b2",
+            "recipientclientid": CLIENT_ID,
+            "event": {**LIGHTROOM["event"], "body": body_failed},
+        },
     ]
     response = await bridge.post(orjson.dumps(events))
     assert response.status == 200
@@ -166,7 +180,8 @@ async def test_batch_gives_one_message_per_event_and_topic_bindings_work(
 
 
 async def test_events_nobody_binds_for_are_parked_in_unrouted(
-    make_bridge: Callable[..., Awaitable[Bridge]], consumer: aio_pika.abc.AbstractChannel,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     bridge = await make_bridge()
     response = await bridge.post(lightroom("parked-1"))
@@ -178,8 +193,15 @@ async def test_events_nobody_binds_for_are_parked_in_unrouted(
 
 
 def outbound(exchange: str, message_id: str = "m1") -> Outbound:
-    return Outbound(exchange=exchange, routing_key="x.none", body=b"{}", message_id=message_id,
-                    type="x", timestamp=datetime.now(UTC), headers={"event-id": message_id})
+    return Outbound(
+        exchange=exchange,
+        routing_key="x.none",
+        body=b"{}",
+        message_id=message_id,
+        type="x",
+        timestamp=datetime.now(UTC),
+        headers={"event-id": message_id},
+    )
 
 
 @pytest.fixture
@@ -193,11 +215,11 @@ async def publisher(amqp_url: str) -> AsyncIterator[AmqpPublisher]:
 
 
 async def test_a_returned_message_is_a_failure_not_a_success(
-    publisher: AmqpPublisher, consumer: aio_pika.abc.AbstractChannel,
+    publisher: AmqpPublisher,
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     name = f"test.noae.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.TOPIC,
-                                               auto_delete=True)
+    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.TOPIC, auto_delete=True)
     with pytest.raises(BrokerUnavailable) as caught:
         await publisher.publish([outbound(name)])
     assert caught.value.reason == "returned"
@@ -205,11 +227,11 @@ async def test_a_returned_message_is_a_failure_not_a_success(
 
 
 async def test_a_nack_is_a_failure(
-    publisher: AmqpPublisher, consumer: aio_pika.abc.AbstractChannel,
+    publisher: AmqpPublisher,
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     name = f"test.full.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT,
-                                               auto_delete=True)
+    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
     queue = await consumer.declare_queue(
         exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
     )
@@ -223,11 +245,11 @@ async def test_a_nack_is_a_failure(
 
 
 async def test_same_message_id_in_flight_twice_is_serialized(
-    publisher: AmqpPublisher, consumer: aio_pika.abc.AbstractChannel,
+    publisher: AmqpPublisher,
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     name = f"test.dup.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT,
-                                               auto_delete=True)
+    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
     queue = await consumer.declare_queue(exclusive=True)
     await queue.bind(exchange)
     await asyncio.gather(*(publisher.publish([outbound(name, "same")]) for _ in range(5)))
@@ -235,10 +257,11 @@ async def test_same_message_id_in_flight_twice_is_serialized(
 
 
 async def test_deleted_exchange_gives_503_then_the_bridge_heals_itself(
-    make_bridge: Callable[..., Awaitable[Bridge]], consumer: aio_pika.abc.AbstractChannel,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     bridge = await make_bridge()
-    await consumer.exchange_delete(bridge.config.broker.exchange)  # type: ignore[attr-defined]
+    await consumer.exchange_delete(bridge.config.broker.exchange)
     first = await bridge.post(lightroom("after-delete"))
     assert first.status in (200, 503)  # 200 only if the bridge already redeclared it
     await bridge.wait_ready()
@@ -265,8 +288,10 @@ def via(amqp_url: str, proxy: Proxy) -> str:
 
 
 async def test_broker_outage_gives_fast_503s_then_recovers_without_restart(
-    make_bridge: Callable[..., Awaitable[Bridge]], consumer: aio_pika.abc.AbstractChannel,
-    proxy: Proxy, amqp_url: str,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
+    proxy: Proxy,
+    amqp_url: str,
 ) -> None:
     bridge = await make_bridge(via(amqp_url, proxy))
     queue = await bind_queue(consumer, bridge.config.broker.exchange)
@@ -293,7 +318,9 @@ async def test_broker_outage_gives_fast_503s_then_recovers_without_restart(
 
 
 async def test_broker_down_at_start_does_not_stop_the_daemon(
-    make_bridge: Callable[..., Awaitable[Bridge]], proxy: Proxy, amqp_url: str,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    proxy: Proxy,
+    amqp_url: str,
 ) -> None:
     proxy.down()
     bridge = await make_bridge(via(amqp_url, proxy), wait=False)
@@ -310,15 +337,24 @@ PRIVATE_NODE = ROOT / ".local" / "rabbitmq" / "rabbit.pid"
 
 
 def rabbitmqctl(*args: str) -> None:
-    env = {**os.environ, "RABBITMQ_MNESIA_BASE": str(PRIVATE_NODE.parent / "mnesia"),
-           "RABBITMQ_LOG_BASE": str(PRIVATE_NODE.parent / "log")}
-    subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "-n", "events-bridge@localhost",
-                    *args], check=True, timeout=120, env=env, capture_output=True)
+    env = {
+        **os.environ,
+        "RABBITMQ_MNESIA_BASE": str(PRIVATE_NODE.parent / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(PRIVATE_NODE.parent / "log"),
+    }
+    subprocess.run(
+        ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "-n", "events-bridge@localhost", *args],
+        check=True,
+        timeout=120,
+        env=env,
+        capture_output=True,
+    )
 
 
 @pytest.mark.skipif(not PRIVATE_NODE.exists(), reason="needs the private node of deploy/broker.sh")
 async def test_real_broker_stop_and_start(
-    make_bridge: Callable[..., Awaitable[Bridge]], consumer: aio_pika.abc.AbstractChannel,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
     amqp_url: str,
 ) -> None:
     bridge = await make_bridge()

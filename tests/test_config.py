@@ -60,8 +60,10 @@ def test_shipped_config_refuses_to_start_without_client_ids() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(SHIPPED, {})
     (problem,) = caught.value.problems
-    assert problem.startswith("registrations[0].client_ids: environment variable "
-                              "BRIDGE_CLIENT_IDS is not set (bridge.yaml:")
+    assert problem.startswith(
+        "registrations[0].client_ids: environment variable "
+        "BRIDGE_CLIENT_IDS is not set (bridge.yaml:"
+    )
 
 
 def test_minimal_config_gets_safe_defaults() -> None:
@@ -82,7 +84,9 @@ def test_minimal_config_gets_safe_defaults() -> None:
         ("a: $${X}\n", {"X": "no"}, "${X}"),
     ],
 )
-def test_variables_are_replaced_inside_values(text: str, env: dict[str, str], expected: str) -> None:
+def test_variables_are_replaced_inside_values(
+    text: str, env: dict[str, str], expected: str
+) -> None:
     body = text.replace("a:", "  host:")
     config = parse_config("server:\n" + body + MINIMAL, "t.yaml", env)
     assert config.server.host == expected
@@ -98,37 +102,69 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("bogus: 1\n" + MINIMAL, "bogus: unknown key (allowed here: broker, logging, outbox, "
-         "registrations, server, verification) (t.yaml:1)"),
-        ("server:\n  port: 70000\n" + MINIMAL,
-         "server.port: expected a whole number from 0 to 65535, got '70000' (t.yaml:2)"),
-        ("broker:\n  publish_timeout: soon\n" + MINIMAL,
-         "broker.publish_timeout: expected a number from 0.1 to 9, got 'soon' (t.yaml:2)"),
-        ("broker:\n  url: http://x\n" + MINIMAL,
-         "broker.url: expected a value matching ^amqps?://, got 'http://x' (t.yaml:2)"),
-        ("verification:\n  enabled: maybe\n" + MINIMAL,
-         "verification.enabled: expected true or false, got 'maybe' (t.yaml:2)"),
-        ("verification:\n  key_cache_seconds: 90000\n" + MINIMAL,
-         "verification.key_cache_seconds: expected a number from 0 to 86400, got '90000' (t.yaml:2)"),
-        ("verification:\n  key_base_url: https://evil/x/\n" + MINIMAL,
-         "verification.key_base_url: expected a value matching"),
-        ("logging:\n  format: xml\n" + MINIMAL,
-         "logging.format: expected one of auto, json, console, got 'xml' (t.yaml:2)"),
-        ("registrations: []\n", "registrations: expected a non-empty list of registrations (t.yaml:1)"),
+        (
+            "bogus: 1\n" + MINIMAL,
+            "bogus: unknown key (allowed here: broker, logging, outbox, "
+            "registrations, server, verification) (t.yaml:1)",
+        ),
+        (
+            "server:\n  port: 70000\n" + MINIMAL,
+            "server.port: expected a whole number from 0 to 65535, got '70000' (t.yaml:2)",
+        ),
+        (
+            "broker:\n  publish_timeout: soon\n" + MINIMAL,
+            "broker.publish_timeout: expected a number from 0.1 to 9, got 'soon' (t.yaml:2)",
+        ),
+        (
+            "broker:\n  url: http://x\n" + MINIMAL,
+            "broker.url: expected a value matching ^amqps?://, got 'http://x' (t.yaml:2)",
+        ),
+        (
+            "verification:\n  enabled: maybe\n" + MINIMAL,
+            "verification.enabled: expected true or false, got 'maybe' (t.yaml:2)",
+        ),
+        (
+            "verification:\n  key_cache_seconds: 90000\n" + MINIMAL,
+            "verification.key_cache_seconds: expected a number from 0 to 86400, "
+            "got '90000' (t.yaml:2)",
+        ),
+        (
+            "verification:\n  key_base_url: https://evil/x/\n" + MINIMAL,
+            "verification.key_base_url: expected a value matching",
+        ),
+        (
+            "logging:\n  format: xml\n" + MINIMAL,
+            "logging.format: expected one of auto, json, console, got 'xml' (t.yaml:2)",
+        ),
+        (
+            "registrations: []\n",
+            "registrations: expected a non-empty list of registrations (t.yaml:1)",
+        ),
         ("server: {}\n", "registrations: at least one registration is required"),
-        ("registrations:\n  - name: a\n    client_ids: [x]\n    colour: red\n",
-         "registrations[0].colour: unknown key"),
-        ("registrations:\n  - name: a\n    path: /healthz\n    client_ids: [x]\n",
-         "registrations[0].path: /healthz is reserved (t.yaml:3)"),
+        (
+            "registrations:\n  - name: a\n    client_ids: [x]\n    colour: red\n",
+            "registrations[0].colour: unknown key",
+        ),
+        (
+            "registrations:\n  - name: a\n    path: /healthz\n    client_ids: [x]\n",
+            "registrations[0].path: /healthz is reserved (t.yaml:3)",
+        ),
         ("registrations:\n  - name: a\n    path: /w\n", "registrations[0].client_ids: required"),
-        ("registrations:\n  - {name: a, client_ids: [x]}\n  - {name: a, path: /b, client_ids: [y]}\n",
-         "registrations[1].name: duplicate 'a' (t.yaml:3)"),
-        ("server:\n  host: [1, 2]\n" + MINIMAL,
-         "server.host: expected a single value, not a list or mapping (t.yaml:2)"),
+        (
+            "registrations:\n  - {name: a, client_ids: [x]}\n"
+            "  - {name: a, path: /b, client_ids: [y]}\n",
+            "registrations[1].name: duplicate 'a' (t.yaml:3)",
+        ),
+        (
+            "server:\n  host: [1, 2]\n" + MINIMAL,
+            "server.host: expected a single value, not a list or mapping (t.yaml:2)",
+        ),
         ("server: [\n", "(top): not valid YAML"),
         ("server:\n  port: 1\n  port: 2\n" + MINIMAL, "server.port: duplicate key (t.yaml:3)"),
-        ("broker:\n  exchange: a\n  unrouted_exchange: a\n" + MINIMAL,
-         "broker.unrouted_exchange: must differ from broker.exchange (t.yaml:3)"),
+        (
+            "broker:\n  exchange: a\n  unrouted_exchange: a\n" + MINIMAL,
+            "broker.unrouted_exchange: must differ from broker.exchange (t.yaml:3)",
+        ),
     ],
 )
 def test_each_problem_names_its_path_and_line(text: str, expected: str) -> None:

@@ -21,48 +21,79 @@ H_ID, H_CODE = "header-event-id", "header.event.code"  # x-adobe-event-id/-code 
 # data.value.state is a state-machine step, not an Imaging job status, so it routes as `.none`.
 EXPECTED: dict[str, list[tuple[str, str, str | None, str | None]]] = {
     "imaging_lightroom-job-status_succeeded.json": [
-        ("lightroom-job-status", "7b59cc70-88d7-4895-b204-87f5350a0cce",
-         "eb4a9211-eb8a-4e88-b853-b9c08ba47427", "succeeded")],
+        (
+            "lightroom-job-status",
+            "7b59cc70-88d7-4895-b204-87f5350a0cce",
+            "eb4a9211-eb8a-4e88-b853-b9c08ba47427",
+            "succeeded",
+        )
+    ],
     "imaging_photoshop-job-status_succeeded_documentManifest.json": [
-        ("photoshop-job-status", "b412a90e-8bc0-4f0d-931e-9e9b8d24993d",
-         "63c6e812-6cb8-43de-8a60-3681a9ec6feb", "succeeded")],
+        (
+            "photoshop-job-status",
+            "b412a90e-8bc0-4f0d-931e-9e9b8d24993d",
+            "63c6e812-6cb8-43de-8a60-3681a9ec6feb",
+            "succeeded",
+        )
+    ],
     "cloudevents_aem_sites_contentFragment_modified_captured.json": [
-        ("aem.sites.contentFragment.modified", "a0f3fb7d-b02c-4612-aac6-e472b80af793", None, None)],
+        ("aem.sites.contentFragment.modified", "a0f3fb7d-b02c-4612-aac6-e472b80af793", None, None)
+    ],
     "cloudevents_marketo_changesegment_webhook-example.json": [
-        ("com.adobe.platform.marketo.activity.standard.changesegment",
-         "8927ce83-2f10-4df9-9eb4-09c381bc4778", None, None)],
+        (
+            "com.adobe.platform.marketo.activity.standard.changesegment",
+            "8927ce83-2f10-4df9-9eb4-09c381bc4778",
+            None,
+            None,
+        )
+    ],
     "cloudevents_indesign_ASSET_DOWNLOAD_FAILED_single.json": [
-        ("ASSET_DOWNLOAD_FAILED", "f60a502e-c16b-49c6-b3c1-770666a1921f", None, None)],
+        ("ASSET_DOWNLOAD_FAILED", "f60a502e-c16b-49c6-b3c1-770666a1921f", None, None)
+    ],
     "cloudevents_aem_assets_asset_published_sdf-example.json": [
-        ("aem.assets.asset.published", H_ID, None, None)],
-    "cloudevents_admin_auditlogs_v1.json": [("com.adobe.adminconsole.auditlogs.v1", H_ID, None, None)],
+        ("aem.assets.asset.published", H_ID, None, None)
+    ],
+    "cloudevents_admin_auditlogs_v1.json": [
+        ("com.adobe.adminconsole.auditlogs.v1", H_ID, None, None)
+    ],
     "cloudevents_contentlogs_read.json": [
-        ("com.adobe.acp.contentlogs.read", "1abfc513-da4b-45ad-91ed-439ba7273b45", None, None)],
+        ("com.adobe.acp.contentlogs.read", "1abfc513-da4b-45ad-91ed-439ba7273b45", None, None)
+    ],
     "cloudevents_faq_examplelogin.json": [("examplelogin", H_ID, None, None)],
     "cloudevents_aem_faq_template.json": [("the_AEM_event_code", H_ID, None, None)],
     "cloudevents_journal_entry_aio-lib-java.json": [
-        ("com.adobe.events.egqa.code1", "b6430251-14ec-454e-b49a-f8d9c41026be", None, None)],
+        ("com.adobe.events.egqa.code1", "b6430251-14ec-454e-b49a-f8d9c41026be", None, None)
+    ],
     "batch_cloudevents_indesign_job_states.json": [
         ("QUEUED", "420c1092", None, None),
         ("ASSETS_DOWNLOAD_STARTED", "d1c47805", None, None),
-        ("ASSET_DOWNLOAD_STARTED", "1bf6e136", None, None)],
+        ("ASSET_DOWNLOAD_STARTED", "1bf6e136", None, None),
+    ],
     "batch_cloudevents_marketo_lead_activity.json": [
         ("com.adobe.platform.marketo.activity.standard.openemail", "ec2c6092", None, None),
-        ("com.adobe.platform.marketo.activity.standard.visitwebpage", "97980214", None, None)],
+        ("com.adobe.platform.marketo.activity.standard.visitwebpage", "97980214", None, None),
+    ],
     "batch_wrapped_marketo_user_audit.json": [
         ("com.adobe.platform.marketo.audit.user.email", "cf904f43", None, None),
-        ("com.adobe.platform.marketo.audit.user.landingpage", "e931c3ec", None, None)],
+        ("com.adobe.platform.marketo.audit.user.landingpage", "e931c3ec", None, None),
+    ],
     "batch_wrapped_marketo_notification.json": [
         ("com.adobe.platform.marketo.notification.web_services", "64e73a16", None, None),
-        ("com.adobe.platform.marketo.notification.campaign_failure", "1519a09d", None, None)],
+        ("com.adobe.platform.marketo.notification.campaign_failure", "1519a09d", None, None),
+    ],
     "wrapped_marketo_user_audit_single.json": [
-        ("com.adobe.platform.marketo.audit.user.email", "a9ef9c3c", None, None)],
-    "legacy_analytics_triggers.json": [(H_CODE, "52ebf673-8aeb-4347-8852-bf86a18292e4", None, None)],
+        ("com.adobe.platform.marketo.audit.user.email", "a9ef9c3c", None, None)
+    ],
+    "legacy_analytics_triggers.json": [
+        (H_CODE, "52ebf673-8aeb-4347-8852-bf86a18292e4", None, None)
+    ],
     "legacy_aem_faq_template.json": [(H_CODE, "the_AEM_event_id", None, None)],
     "legacy_aem_asset_created_with_recipient_client_id.json": [
-        (H_CODE, "xxxxx-ac2f-4825-ad46-07dc417f5a8d", None, None)],
+        (H_CODE, "xxxxx-ac2f-4825-ad46-07dc417f5a8d", None, None)
+    ],
     "legacy_aem_asset_created_without_recipient_client_id.json": [
-        (H_CODE, "xxxxx-ac2f-4825-ad46-07dc417f5a8d", None, None)],
+        (H_CODE, "xxxxx-ac2f-4825-ad46-07dc417f5a8d", None, None)
+    ],
     "xdm_bare_aem_asset_created_acme-example.json": [(H_CODE, H_ID, None, None)],
     "xdm_bare_cc_asset_created_aio-lib-java.json": [(H_CODE, H_ID, None, None)],
 }
@@ -127,7 +158,10 @@ def test_validation_post_is_not_an_event() -> None:
         (b"42", "not_an_event"),
         (b"[1, 2]", "not_an_event"),
         (b'{"a": NaN}', "bad_json"),
-        (b'{"eventid": "' + b"x" * 300 + b'", "type": "t", "specversion": "1.0"}', "field_too_long"),
+        (
+            b'{"eventid": "' + b"x" * 300 + b'", "type": "t", "specversion": "1.0"}',
+            "field_too_long",
+        ),
         (b"[" * 100_000, "bad_json"),
     ],
 )
@@ -154,8 +188,9 @@ def test_huge_numbers_survive_byte_exact_in_a_batch() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

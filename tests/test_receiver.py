@@ -16,8 +16,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.app import create_app
 from bridge.config import Config, Registration
 from bridge.message import Outbound
-from tests.helpers import CLIENT_ID, EVENTS, KEY_PATH, SAMPLES, FakePublisher, KeyServer, \
-    SigningKey, make_config
+from tests.helpers import (
+    CLIENT_ID,
+    EVENTS,
+    KEY_PATH,
+    SAMPLES,
+    FakePublisher,
+    KeyServer,
+    SigningKey,
+    make_config,
+)
 
 Client = TestClient[web.Request, web.Application]
 LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
@@ -35,11 +43,11 @@ def signer() -> SigningKey:
 @pytest.fixture
 async def keys(
     aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], signer: SigningKey
-) -> AsyncIterator[tuple[KeyServer, str]]:
+) -> tuple[KeyServer, str]:
     server = KeyServer()
     server.keys[KEY_PATH] = signer.public_pem
     running = await aiohttp_server(server.app())
-    yield server, str(running.make_url("")).rstrip("/")
+    return server, str(running.make_url("")).rstrip("/")
 
 
 @dataclasses.dataclass
@@ -50,8 +58,9 @@ class Bridge:
     signer: SigningKey
 
     async def post(self, body: bytes, **headers: str) -> Any:
-        return await self.client.post("/webhook", data=body,
-                                      headers=self.signer.headers(body, **headers))
+        return await self.client.post(
+            "/webhook", data=body, headers=self.signer.headers(body, **headers)
+        )
 
 
 @pytest.fixture
@@ -95,8 +104,9 @@ async def test_get_without_challenge_is_a_400(bridge: Bridge) -> None:
 
 async def test_signed_event_is_published_with_spec_properties(bridge: Bridge) -> None:
     body = event_body()
-    response = await bridge.post(body, **{"x-adobe-provider": "p", "x-adobe-retry-count": "2",
-                                          "traceparent": "00-ab-cd-01"})
+    response = await bridge.post(
+        body, **{"x-adobe-provider": "p", "x-adobe-retry-count": "2", "traceparent": "00-ab-cd-01"}
+    )
     assert response.status == 200
     assert await response.json() == {"status": "published", "events": 1}
     (message,) = bridge.publisher.published
@@ -114,8 +124,13 @@ async def test_signed_event_is_published_with_spec_properties(bridge: Bridge) ->
 
 @pytest.mark.parametrize(
     "content_type",
-    ["application/json", "application/json; charset=utf-8", "application/cloudevents+json",
-     "application/cloudevents-batch+json", "application/vnd.adobe.events+json"],
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/cloudevents+json",
+        "application/cloudevents-batch+json",
+        "application/vnd.adobe.events+json",
+    ],
 )
 async def test_json_content_types_are_accepted(bridge: Bridge, content_type: str) -> None:
     response = await bridge.post(event_body(), **{"content-type": content_type})
@@ -159,14 +174,28 @@ async def test_body_over_the_limit_gets_413(make_bridge: Callable[..., Awaitable
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"x-adobe-digital-signature-1": "", "x-adobe-digital-signature-2": ""},
-         "signature_missing"),
-        ({"x-adobe-public-key1-path": "//evil/x.pem", "x-adobe-public-key2-path": "/../x"},
-         "signature_missing"),
-        ({"x-adobe-digital-signature-1": "c29tZSByYW5kb20gU3RyaW5n",
-          "x-adobe-digital-signature-2": "c29tZSByYW5kb20gU3RyaW5n"}, "signature_invalid"),
-        ({"x-adobe-public-key1-path": "/prod/keys/pub-key-unknown.pem",
-          "x-adobe-public-key2-path": "/prod/keys/pub-key-unknown.pem"}, "signature_invalid"),
+        (
+            {"x-adobe-digital-signature-1": "", "x-adobe-digital-signature-2": ""},
+            "signature_missing",
+        ),
+        (
+            {"x-adobe-public-key1-path": "//evil/x.pem", "x-adobe-public-key2-path": "/../x"},
+            "signature_missing",
+        ),
+        (
+            {
+                "x-adobe-digital-signature-1": "c29tZSByYW5kb20gU3RyaW5n",
+                "x-adobe-digital-signature-2": "c29tZSByYW5kb20gU3RyaW5n",
+            },
+            "signature_invalid",
+        ),
+        (
+            {
+                "x-adobe-public-key1-path": "/prod/keys/pub-key-unknown.pem",
+                "x-adobe-public-key2-path": "/prod/keys/pub-key-unknown.pem",
+            },
+            "signature_invalid",
+        ),
     ],
 )
 async def test_bad_signatures_get_401(bridge: Bridge, change: dict[str, str], reason: str) -> None:
@@ -216,13 +245,13 @@ async def test_batch_with_one_stranger_is_refused_whole(bridge: Bridge) -> None:
 
 
 async def test_batch_publishes_one_message_per_event(bridge: Bridge) -> None:
-    events = [{**LIGHTROOM, "event_id": f"e{i}", "recipientclientid": CLIENT_ID}
-              for i in range(3)]
+    events = [{**LIGHTROOM, "event_id": f"e{i}", "recipientclientid": CLIENT_ID} for i in range(3)]
     response = await bridge.post(orjson.dumps(events))
     assert response.status == 200
     assert [m.message_id for m in bridge.publisher.published] == ["e0", "e1", "e2"]
-    assert all(orjson.loads(m.body) == e for m, e in zip(bridge.publisher.published, events,
-                                                         strict=True))
+    assert all(
+        orjson.loads(m.body) == e for m, e in zip(bridge.publisher.published, events, strict=True)
+    )
 
 
 async def test_ims_org_allow_list(
@@ -246,8 +275,9 @@ async def test_signed_garbage_gets_400(bridge: Bridge, body: bytes) -> None:
 
 async def test_unsigned_validation_url_is_logged_not_published(bridge: Bridge) -> None:
     body = (SAMPLES / "control" / "async_validation_post_body.json").read_bytes()
-    response = await bridge.client.post("/webhook", data=body,
-                                        headers={"content-type": "application/json"})
+    response = await bridge.client.post(
+        "/webhook", data=body, headers={"content-type": "application/json"}
+    )
     assert response.status == 200
     assert (await response.json())["status"] == "validation_url_logged"
     assert bridge.publisher.published == []
@@ -256,8 +286,9 @@ async def test_unsigned_validation_url_is_logged_not_published(bridge: Bridge) -
 
 
 async def test_unsigned_event_gets_401(bridge: Bridge) -> None:
-    response = await bridge.client.post("/webhook", data=event_body(),
-                                        headers={"content-type": "application/json"})
+    response = await bridge.client.post(
+        "/webhook", data=event_body(), headers={"content-type": "application/json"}
+    )
     assert response.status == 401
 
 
@@ -276,8 +307,9 @@ async def test_readiness_follows_the_publisher(bridge: Bridge) -> None:
     assert (await bridge.client.get("/healthz")).status == 200
 
 
-@pytest.mark.parametrize(("behaviour", "limit"), [("error", 2.0), ("hang", 2.5),
-                                                  ("redirect", 2.0), ("huge", 2.0)])
+@pytest.mark.parametrize(
+    ("behaviour", "limit"), [("error", 2.0), ("hang", 2.5), ("redirect", 2.0), ("huge", 2.0)]
+)
 async def test_key_host_trouble_is_a_fast_503(bridge: Bridge, behaviour: str, limit: float) -> None:
     bridge.keys.behaviour[KEY_PATH] = behaviour
     started = time.monotonic()
@@ -304,7 +336,8 @@ class SlowPublisher(FakePublisher):
 
 async def test_every_answer_comes_within_the_deadline(
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
-    keys: tuple[KeyServer, str], signer: SigningKey,
+    keys: tuple[KeyServer, str],
+    signer: SigningKey,
 ) -> None:
     config = make_config(key_base_url=keys[1], answer_deadline=1.0)
     client = await aiohttp_client(create_app(config, SlowPublisher()))
@@ -322,8 +355,10 @@ async def test_a_body_that_never_arrives_gets_408(
     bridge = await make_bridge(answer_deadline=1.0)
     server = bridge.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 100\r\n\r\n{\"partial\":")
+    writer.write(
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"partial":'
+    )
     await writer.drain()
     started = time.monotonic()
     status_line = await asyncio.wait_for(reader.readline(), 5)

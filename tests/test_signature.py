@@ -31,11 +31,20 @@ def test_adobe_key_paths_are_allowed(path: str) -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        "@127.0.0.1:9/x.pem", "//evil/x.pem", "/../x", "/prod/keys/pub-key-a.pem?x",
-        "/prod/keys/%2e%2e/pub-key-a.pem", "\\\\evil", "https://evil/x.pem",
-        "/prod/keys/pub-key-" + "a" * 10_000 + ".pem", "/prod/keys/pub-key-.pem",
-        "/prod/keys/pub-key-a.pem\n", "/junit/pub-key-1.pem", "/prod/keys/pub-key-a.pem#",
-        "/prod/keys/../keys/pub-key-a.pem", "",
+        "@127.0.0.1:9/x.pem",
+        "//evil/x.pem",
+        "/../x",
+        "/prod/keys/pub-key-a.pem?x",
+        "/prod/keys/%2e%2e/pub-key-a.pem",
+        "\\\\evil",
+        "https://evil/x.pem",
+        "/prod/keys/pub-key-" + "a" * 10_000 + ".pem",
+        "/prod/keys/pub-key-.pem",
+        "/prod/keys/pub-key-a.pem\n",
+        "/junit/pub-key-1.pem",
+        "/prod/keys/pub-key-a.pem#",
+        "/prod/keys/../keys/pub-key-a.pem",
+        "",
     ],
 )
 def test_tricky_key_paths_are_refused(path: str) -> None:
@@ -43,7 +52,7 @@ def test_tricky_key_paths_are_refused(path: str) -> None:
 
 
 def test_rsa_vectors_verify_as_adobe_published_them() -> None:
-    # java-valid-single: σ1 with pub-key-1 and σ2 with pub-key-2 over the exact body bytes.
+    # java-valid-single: signature N verifies with pub-key-N, over the exact body bytes only.
     case = next(c for c in CASES if c["id"] == "java-valid-single")
     body = (SIGS / case["body"]).read_bytes()
     for n in (1, 2):
@@ -80,8 +89,12 @@ def test_weak_odd_and_broken_keys_are_refused() -> None:
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
     curve = ec.generate_private_key(ec.SECP256R1()).public_key()
     corrupt = (SIGS / "keys" / "aio-lib-events_invalidTestPubKey.as-published.b64.txt").read_bytes()
-    for material, reason in ((pem(weak), "1024 bits"), (pem(curve), "not an RSA key"),
-                             (corrupt, "not a PEM"), (b"", "not a PEM")):
+    for material, reason in (
+        (pem(weak), "1024 bits"),
+        (pem(curve), "not an RSA key"),
+        (corrupt, "not a PEM"),
+        (b"", "not a PEM"),
+    ):
         with pytest.raises(BadKey, match=reason):
             load_public_key(material)
 
@@ -92,12 +105,21 @@ def test_core_modules_do_no_io() -> None:
     from pathlib import Path
 
     root = Path(__file__).parent.parent / "bridge"
-    core = [*sorted((root / "adobe").glob("*.py")), root / "routing.py", root / "message.py",
-            root / "config.py", root / "errors.py"]
+    core = [
+        *sorted((root / "adobe").glob("*.py")),
+        root / "routing.py",
+        root / "message.py",
+        root / "config.py",
+        root / "errors.py",
+    ]
     for path in core:
         tree = ast.parse(path.read_text())
-        names = {alias.name.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.Import | ast.ImportFrom)
-                 for alias in (node.names if isinstance(node, ast.Import) else
-                               [ast.alias(node.module or "")])}
+        names = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (
+                node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+            )
+        }
         assert not names & {"aiohttp", "aio_pika", "aiormq", "asyncio", "socket"}, path

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -32,11 +32,11 @@ ANY_PATH = "/prod/keys/pub-key-js.pem"
 
 NOT_DELIVERIES = {
     "hmac-legacy-valid": "HMAC x-adobe-signature reached end of life in 2022 and is not "
-                         "implemented; a request signed only that way is refused (401)",
+    "implemented; a request signed only that way is refused (401)",
     "hmac-legacy-invalid": "HMAC scheme, not implemented",
     "hmac-legacy-no-secret": "HMAC scheme, not implemented",
     "js-base64-wrapped-body": "base64-wrapped bodies exist only inside I/O Runtime actions; an "
-                              "HTTP delivery carries the JSON itself, so this is refused (401)",
+    "HTTP delivery carries the JSON itself, so this is refused (401)",
 }
 
 
@@ -61,10 +61,10 @@ def request_headers(case: dict[str, Any]) -> dict[str, str]:
 @pytest.fixture
 async def key_server(
     aiohttp_server: Callable[[web.Application], Awaitable[TestServer]],
-) -> AsyncIterator[tuple[KeyServer, str]]:
+) -> tuple[KeyServer, str]:
     server = KeyServer()
     running = await aiohttp_server(server.app())
-    yield server, str(running.make_url("")).rstrip("/")
+    return server, str(running.make_url("")).rstrip("/")
 
 
 def expected_events(body: bytes) -> int:

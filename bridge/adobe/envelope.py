@@ -13,8 +13,9 @@ Owns: the event id (``eventid``, else ``event_id``, else the ``x-adobe-event-id`
 single delivery; never the CloudEvents ``id``; failing all three, ``sha256:`` + the hex digest
 of the event's bytes), the event code (CloudEvents ``type``, else
 ``event.header.eventCode`` or ``event.header._adobeio.eventCode``, else the type of a CloudEvent
-wrapped in ``event.body``, else the ``x-adobe-event-code`` header on a single delivery, else ``unknown``), the
-recipient client ids, the IMS org, and the job id and aggregate status (``bridge.adobe.jobstatus``).
+wrapped in ``event.body``, else the ``x-adobe-event-code`` header on a single delivery, else
+``unknown``), the recipient client ids, the IMS org, and the job id and aggregate status
+(``bridge.adobe.jobstatus``).
 Each event keeps its own bytes: the whole body for a single delivery, and for a batch the
 element's bytes cut from the array unchanged, so nothing is re-encoded and numbers, escapes and
 key order stay exactly as Adobe signed them.

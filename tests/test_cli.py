@@ -1,0 +1,365 @@
+"""The command line as an operator meets it: real processes, a real broker, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import ROOT
+from tests.helpers import CLIENT_ID, EVENTS, KEY_PATH, SigningKey, key_folder
+
+SHIPPED = ROOT / "config" / "bridge.yaml"
+LIGHTROOM = EVENTS / "imaging_lightroom-job-status_succeeded.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_every_command_has_help() -> None:
+    for command in (
+        [],
+        ["serve"],
+        ["check-config"],
+        ["declare"],
+        ["route"],
+        ["simulate"],
+        ["keys", "generate"],
+        ["tail"],
+    ):
+        result = cli(*command, "--help")
+        assert result.returncode == 0, command
+        assert "usage: events-bridge" in result.stdout
+
+
+def test_check_config_accepts_the_shipped_file() -> None:
+    result = cli("check-config", env={"BRIDGE_CLIENT_IDS": "a,b"})
+    assert result.returncode == 0
+    assert "valid" in result.stdout
+
+
+def test_check_config_lists_every_problem_and_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  port: lots\nbroker:\n  colour: red\nregistrations: []\n")
+    result = cli("check-config", "--config", str(bad))
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0] == (
+        f"{bad}: server.port: expected a whole number from 0 to 65535, got 'lots' (bad.yaml:2)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
+    result = cli("serve", env={"BRIDGE_CLIENT_IDS": ""})
+    assert result.returncode == 78
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "events-bridge: invalid config config/bridge.yaml: registrations[0].client_ids:"
+    )
+    result = cli("serve", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 78
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["route", "/nonexistent.json"], "cannot read /nonexistent.json"),
+        (
+            [
+                "simulate",
+                "--url",
+                "http://127.0.0.1:9/w",
+                "--key",
+                "/nope.pem",
+                "--key-path",
+                KEY_PATH,
+                str(LIGHTROOM),
+            ],
+            "cannot read private key /nope.pem",
+        ),
+        (["keys", "generate", "/tmp", "--name", "../evil"], "key name '../evil' is not allowed"),
+    ],
+)
+def test_user_mistakes_end_in_one_clear_line(args: list[str], message: str) -> None:
+    result = cli(*args, env={"BRIDGE_CLIENT_IDS": "x"})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line
+
+
+def test_route_explains_where_an_event_goes() -> None:
+    result = cli("route", str(LIGHTROOM))
+    assert result.returncode == 0
+    assert "event code: lightroom-job-status" in result.stdout
+    assert "routing key lightroom-job-status.succeeded" in result.stdout
+
+
+def test_keys_generate_writes_an_adobe_named_pair(tmp_path: Path) -> None:
+    result = cli("keys", "generate", str(tmp_path), "--name", "dev")
+    assert result.returncode == 0
+    assert (
+        (tmp_path / "prod" / "keys" / "pub-key-dev.pem")
+        .read_bytes()
+        .startswith(b"-----BEGIN PUBLIC KEY-----")
+    )
+    private = tmp_path / "private" / "pub-key-dev.key.pem"
+    assert private.stat().st_mode & 0o077 == 0
+    again = cli("keys", "generate", str(tmp_path), "--name", "dev")
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
+
+
+@pytest.fixture
+def daemon_env(amqp_url: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "BRIDGE_AMQP_URL": amqp_url,
+        "BRIDGE_CLIENT_IDS": CLIENT_ID,
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def test_config(tmp_path: Path) -> Path:
+    """The shipped file with this test's own exchange and queue names."""
+    prefix = f"cli.{time.monotonic_ns()}"
+    text = (
+        SHIPPED.read_text()
+        .replace("adobe.events", f"{prefix}.events")
+        .replace("adobe.unrouted", f"{prefix}.unrouted")
+    )
+    path = tmp_path / "bridge.yaml"
+    path.write_text(text)
+    return path
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+class Daemon:
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.env = env
+        self.url = f"http://127.0.0.1:{env['BRIDGE_PORT']}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                with socket.create_connection(("127.0.0.1", int(self.env["BRIDGE_PORT"])), 1):
+                    pass
+                import urllib.request
+
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("daemon not ready")
+
+    def stop(self) -> tuple[int, list[dict[str, Any]]]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=30)
+        lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+        assert "Traceback" not in stderr, stderr
+        return self.process.returncode, lines
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, daemon_env: dict[str, str]) -> Iterator[Daemon]:
+    signer = SigningKey.generate()
+    daemon_env["BRIDGE_KEY_BASE_URL"] = key_folder(tmp_path / "keys", signer)
+    running = Daemon(test_config(tmp_path), daemon_env)
+    running.signer = signer  # type: ignore[attr-defined]
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.communicate()
+
+
+def test_the_readme_walkthrough_simulate_then_tail(daemon: Daemon, tmp_path: Path) -> None:
+    """make run + tail + simulate with the Lightroom sample, as README's quick start says."""
+    daemon.wait_ready()
+    keys = cli("keys", "generate", str(tmp_path / "sim"), "--name", "sim")
+    assert keys.returncode == 0
+    # The daemon reads keys from its own folder: give it the simulator's public key too.
+    sim_public = tmp_path / "sim" / "prod" / "keys" / "pub-key-sim.pem"
+    (tmp_path / "keys" / "prod" / "keys" / "pub-key-sim.pem").write_bytes(sim_public.read_bytes())
+    config = daemon.process.args[-1]  # type: ignore[index]
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "tail",
+            "--config",
+            str(config),
+            "--count",
+            "1",
+            "--timeout",
+            "30",
+            "--json",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **daemon.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert tail.stderr is not None
+    assert "waiting for messages" in tail.stderr.readline()
+    simulated = cli(
+        "simulate",
+        "--url",
+        daemon.url + "/webhook",
+        "--key",
+        str(tmp_path / "sim" / "private" / "pub-key-sim.key.pem"),
+        "--key-path",
+        "/prod/keys/pub-key-sim.pem",
+        "--client-id",
+        CLIENT_ID,
+        str(LIGHTROOM),
+    )
+    assert simulated.returncode == 0, simulated.stderr
+    assert "1/1 deliveries accepted" in simulated.stdout
+    out, _ = tail.communicate(timeout=30)
+    message = json.loads(out)
+    assert message["routing_key"] == "lightroom-job-status.succeeded"
+    assert message["properties"]["message_id"] == "7b59cc70-88d7-4895-b204-87f5350a0cce"
+    assert message["properties"]["delivery_mode"] == 2
+    assert message["headers"]["job-status"] == "succeeded"
+    assert message["headers"]["adobe-provider"] == "events-bridge-simulator"
+    code, logs = daemon.stop()
+    assert code == 0
+    handled = [line for line in logs if line["event"] == "webhook_handled"]
+    assert handled[0]["routing_key"] == "lightroom-job-status.succeeded"
+    assert handled[0]["outcome"] == "published"
+    assert {"event_id", "delivery_id", "event_code", "job_status", "duration_ms"} <= set(handled[0])
+
+
+def test_simulate_batches_and_retries(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.wait_ready()
+    keys = cli("keys", "generate", str(tmp_path / "keys"), "--name", "batch")
+    assert keys.returncode == 0
+    files = [str(p) for p in sorted(EVENTS.glob("imaging_*.json"))] * 3
+    result = cli(
+        "simulate",
+        "--url",
+        daemon.url + "/webhook",
+        "--key",
+        str(tmp_path / "keys" / "private" / "pub-key-batch.key.pem"),
+        "--key-path",
+        "/prod/keys/pub-key-batch.pem",
+        "--client-id",
+        CLIENT_ID,
+        "--batch",
+        "4",
+        "--retry",
+        "--time-scale",
+        "0.001",
+        *files,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2/2 deliveries accepted (6 events)" in result.stdout
+    assert daemon.stop()[0] == 0
+
+
+class SlowKeys:
+    """A key server that answers after a delay, to hold a request in flight."""
+
+    def __init__(self, pem: bytes, delay: float) -> None:
+        self.pem, self.delay = pem, delay
+
+    async def handle(self, _request: web.Request) -> web.Response:
+        await asyncio.sleep(self.delay)
+        return web.Response(body=self.pem)
+
+
+def test_sigterm_answers_in_flight_requests_then_exits_0(
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+) -> None:
+    signer = SigningKey.generate()
+
+    async def scenario() -> tuple[int, int, list[dict[str, Any]]]:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", SlowKeys(signer.public_pem, 1.5).handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        daemon_env["BRIDGE_KEY_BASE_URL"] = f"http://127.0.0.1:{port}"
+        daemon = Daemon(test_config(tmp_path), daemon_env)
+        try:
+            await asyncio.to_thread(daemon.wait_ready)
+            body = json.dumps(
+                {**json.loads(LIGHTROOM.read_bytes()), "recipientclientid": CLIENT_ID}
+            ).encode()
+            async with aiohttp.ClientSession() as session:
+                request = asyncio.create_task(
+                    session.post(daemon.url + "/webhook", data=body, headers=signer.headers(body))
+                )
+                await asyncio.sleep(0.5)  # the request now waits for the slow key server
+                daemon.process.send_signal(signal.SIGTERM)
+                response = await request
+                status = response.status
+            code, logs = await asyncio.to_thread(daemon.stop)
+            return status, code, logs
+        finally:
+            if daemon.process.poll() is None:
+                daemon.process.kill()
+            await runner.cleanup()
+
+    status, code, logs = asyncio.run(scenario())
+    assert status == 200
+    assert code == 0
+    events = [line["event"] for line in logs]
+    assert (
+        events.index("bridge_stopping")
+        < events.index("webhook_handled")
+        < events.index("bridge_stopped")
+    )
