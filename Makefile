@@ -43,7 +43,7 @@ run: install broker $(DEV_KEY)  ## serve on 127.0.0.1:8080 with development sett
 	@echo
 	@echo "events-bridge is starting on http://127.0.0.1:8080/webhook (Ctrl-C stops it)."
 	@echo "In another terminal, watch what it publishes:"
-	@echo "  BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/events-bridge tail"
+	@echo "  $(BIN)/events-bridge tail"
 	@echo "and in a third, send it a signed Lightroom event as Adobe would:"
 	@echo "  $(BIN)/events-bridge simulate --url http://127.0.0.1:8080/webhook \\"
 	@echo "      --key $(DEV_KEY) --key-path /prod/keys/pub-key-dev.pem \\"
