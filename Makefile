@@ -49,7 +49,7 @@ run: install broker $(DEV_KEY)  ## serve on 127.0.0.1:8080 with development sett
 	@echo "      --key $(DEV_KEY) --key-path /prod/keys/pub-key-dev.pem \\"
 	@echo "      --client-id $(DEV_CLIENT_ID) $(SAMPLE)"
 	@echo
-	BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) \
+	@BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) \
 	BRIDGE_CLIENT_IDS=$(DEV_CLIENT_ID) \
 	BRIDGE_KEY_BASE_URL=file://$(CURDIR)/$(DEV_KEYS) \
 	exec $(BIN)/events-bridge serve --config config/bridge.yaml

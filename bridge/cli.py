@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -399,6 +400,9 @@ COMMANDS: dict[str, Any] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Commands say what went wrong in one line of their own; libraries' logs (aiormq prints a
+    # traceback-like line on a refused connection) stay quiet. `serve` configures real logging.
+    logging.basicConfig(level=logging.CRITICAL)
     try:
         return int(COMMANDS[args.command](args))
     except ConfigError as exc:

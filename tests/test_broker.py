@@ -28,6 +28,8 @@ from bridge.publisher import AmqpPublisher
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder, make_config
 from tests.proxy import Proxy
+from tests.test_envelope import EXPECTED as SAMPLE_TABLE
+from tests.test_envelope import H_CODE, H_ID
 
 Client = TestClient[web.Request, web.Application]
 LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
@@ -379,3 +381,36 @@ async def test_real_broker_stop_and_start(
         ids = [m.message_id for m in await take(queue, 2)]
         assert ids == ["before-stop", "after-start"]
         await queue.delete(if_unused=False, if_empty=False)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_TABLE))
+async def test_every_adobe_sample_is_published_as_its_index_says(
+    name: str,
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
+) -> None:
+    """Each events/ sample, given our recipient as Adobe would, signed, with the derived
+    x-adobe-event-id/-code headers of events/INDEX.md for single deliveries."""
+    bridge = await make_bridge()
+    queue = await bind_queue(consumer, bridge.config.broker.exchange)
+    doc = orjson.loads((EVENTS / name).read_bytes())
+    items = doc if isinstance(doc, list) else [doc]
+    stamped = [
+        {**item, "recipientclientid": CLIENT_ID, "recipient_client_id": CLIENT_ID} for item in items
+    ]
+    body = orjson.dumps(stamped if isinstance(doc, list) else stamped[0])
+    extra = (
+        {} if isinstance(doc, list) else {"x-adobe-event-id": H_ID, "x-adobe-event-code": H_CODE}
+    )
+    response = await bridge.client.post(
+        "/webhook", data=body, headers=bridge.signer.headers(body, **extra)
+    )
+    assert response.status == 200, await response.text()
+    expected = SAMPLE_TABLE[name]
+    messages = await take(queue, len(expected))
+    for message, (code, event_id, job, status) in zip(messages, expected, strict=True):
+        assert message.type == code
+        assert (message.message_id or "").startswith(event_id)
+        assert message.routing_key == f"{code}.{status or 'none'}"
+        assert message.headers.get("job-id") == job
+        assert message.headers.get("job-status") == status

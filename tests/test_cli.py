@@ -363,3 +363,32 @@ def test_sigterm_answers_in_flight_requests_then_exits_0(
         < events.index("webhook_handled")
         < events.index("bridge_stopped")
     )
+
+
+def test_declare_creates_the_topology(tmp_path: Path, amqp_url: str) -> None:
+    config = test_config(tmp_path)
+    result = cli("declare", "--config", str(config), env={"BRIDGE_AMQP_URL": amqp_url})
+    assert result.returncode == 0, result.stderr
+    assert "declared exchange cli." in result.stdout
+    prefix = result.stdout.split("declared exchange ")[1].split(".events")[0]
+
+    async def check() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.get_exchange(f"{prefix}.events", ensure=True)
+            queue = await channel.get_queue(f"{prefix}.unrouted", ensure=True)
+            await queue.delete(if_unused=False, if_empty=False)
+            await channel.exchange_delete(f"{prefix}.events")
+            await channel.exchange_delete(f"{prefix}.unrouted")
+
+    asyncio.run(check())
+
+
+def test_declare_without_a_broker_is_one_line() -> None:
+    result = cli("declare", env={"BRIDGE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"})
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("events-bridge: cannot connect to amqp://guest:***@127.0.0.1:")
