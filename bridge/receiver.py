@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 import orjson
@@ -125,24 +126,10 @@ class Receiver:
 
     def add_routes(self, app: web.Application) -> None:
         for registration in self.config.registrations:
-            app.router.add_post(registration.path, self._webhook_handler(registration))
-            app.router.add_get(registration.path, self._challenge_handler(registration))
-
-    def _webhook_handler(
-        self, registration: Registration
-    ) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handle(request: web.Request) -> web.Response:
-            return await self.webhook(request, registration)
-
-        return handle
-
-    def _challenge_handler(
-        self, registration: Registration
-    ) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handle(request: web.Request) -> web.Response:
-            return await self.challenge(request, registration)
-
-        return handle
+            app.router.add_post(registration.path, partial(self.webhook, registration=registration))
+            app.router.add_get(
+                registration.path, partial(self.challenge, registration=registration)
+            )
 
     async def challenge(self, request: web.Request, registration: Registration) -> web.Response:
         value = request.query.get("challenge")

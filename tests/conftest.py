@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from bridge.config import BrokerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +56,28 @@ def amqp_url() -> Iterator[str]:
     if found.returncode != 0:
         pytest.fail(f"no RabbitMQ broker could be found or started:\n{found.stderr}")
     yield found.stdout.strip()
+
+
+@pytest.fixture
+def forget_topology(amqp_url: str) -> Iterator[list[BrokerConfig]]:
+    """Tests append the broker configs they used; their exchanges and queue go afterwards, so a
+    developer's private node does not collect thousands of test queues."""
+    used: list[BrokerConfig] = []
+    yield used
+    if not used:
+        return
+
+    async def delete() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            for config in used:
+                channel = await connection.channel()
+                await channel.queue_delete(config.unrouted_queue)
+                await channel.exchange_delete(config.exchange)
+                await channel.exchange_delete(config.unrouted_exchange)
+
+    # A thread of its own: this teardown may run while a test's event loop still exists.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, delete()).result(timeout=60)

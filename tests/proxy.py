@@ -16,6 +16,7 @@ class Proxy:
         self.accepting = True
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -23,9 +24,12 @@ class Proxy:
 
     async def stop(self) -> None:
         self.down()
+        for task in list(self._handlers):
+            task.cancel()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
 
     def down(self) -> None:
         self.accepting = False
@@ -37,6 +41,15 @@ class Proxy:
         self.accepting = True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.accepting:
             writer.transport.abort()
             return
@@ -44,6 +57,10 @@ class Proxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
+            return
+        if not self.accepting:  # down() ran while we were connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,11 +20,10 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from bridge.app import create_app
-from bridge.config import Config
+from bridge.config import BrokerConfig, Config
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.publisher import AmqpPublisher
-from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder, make_config
 from tests.proxy import Proxy
 from tests.test_envelope import EXPECTED as SAMPLE_TABLE
@@ -102,9 +100,11 @@ def make_bridge(
     amqp_url: str,
     signer: SigningKey,
     tmp_path: Path,
+    forget_topology: list[BrokerConfig],
 ) -> Callable[..., Awaitable[Bridge]]:
     async def make(url: str | None = None, wait: bool = True) -> Bridge:
         config = make_config(key_base_url=key_folder(tmp_path, signer), amqp_url=url or amqp_url)
+        forget_topology.append(config.broker)
         bridge = Bridge(await aiohttp_client(create_app(config)), config, signer)
         if wait:
             await bridge.wait_ready()
@@ -335,25 +335,50 @@ async def test_broker_down_at_start_does_not_stop_the_daemon(
     assert (await bridge.post(lightroom())).status == 200
 
 
-PRIVATE_NODE = ROOT / ".local" / "rabbitmq" / "rabbit.pid"
+NODE = "events-bridge@localhost"  # the private node of deploy/broker.sh
+RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 
 
 def rabbitmqctl(*args: str) -> None:
-    env = {
-        **os.environ,
-        "RABBITMQ_MNESIA_BASE": str(PRIVATE_NODE.parent / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(PRIVATE_NODE.parent / "log"),
-    }
     subprocess.run(
-        ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-q", "-n", "events-bridge@localhost", *args],
-        check=True,
-        timeout=120,
-        env=env,
-        capture_output=True,
+        [str(RABBITMQCTL), "-q", "-n", NODE, *args], check=True, timeout=120, capture_output=True
     )
 
 
-@pytest.mark.skipif(not PRIVATE_NODE.exists(), reason="needs the private node of deploy/broker.sh")
+@pytest.fixture(scope="session")
+def private_node() -> None:
+    """Skip unless the broker is the private node that deploy/broker.sh starts (we may stop it)."""
+    if not RABBITMQCTL.exists():
+        pytest.skip("needs the private node of deploy/broker.sh")
+    probe = subprocess.run(
+        [str(RABBITMQCTL), "-q", "-n", NODE, "status"], capture_output=True, timeout=60, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip("needs the private node of deploy/broker.sh")
+
+
+@pytest.mark.usefixtures("private_node")
+async def test_memory_alarm_blocks_publishers_and_answers_still_come_in_time(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+) -> None:
+    bridge = await make_bridge()
+    await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0")
+    try:
+        started = time.monotonic()
+        response = await bridge.post(lightroom("during-alarm"))
+        elapsed = time.monotonic() - started
+        assert response.status == 503
+        assert (await response.json())["error"] in ("timeout", "deadline")
+        assert elapsed < 8.0
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0.4")
+    deadline = time.monotonic() + 15
+    while (await bridge.post(lightroom("after-alarm"))).status != 200:
+        assert time.monotonic() < deadline, "not publishing after the alarm cleared"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.usefixtures("private_node")
 async def test_real_broker_stop_and_start(
     make_bridge: Callable[..., Awaitable[Bridge]],
     consumer: aio_pika.abc.AbstractChannel,

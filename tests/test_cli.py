@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bridge.config import BrokerConfig
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, KEY_PATH, SigningKey, key_folder
 
@@ -154,9 +155,17 @@ def daemon_env(amqp_url: str, tmp_path: Path) -> dict[str, str]:
     }
 
 
-def test_config(tmp_path: Path) -> Path:
+def isolated_config(tmp_path: Path, forget: list[BrokerConfig] | None = None) -> Path:
     """The shipped file with this test's own exchange and queue names."""
     prefix = f"cli.{time.monotonic_ns()}"
+    if forget is not None:
+        forget.append(
+            BrokerConfig(
+                exchange=f"{prefix}.events",
+                unrouted_exchange=f"{prefix}.unrouted",
+                unrouted_queue=f"{prefix}.unrouted",
+            )
+        )
     text = (
         SHIPPED.read_text()
         .replace("adobe.events", f"{prefix}.events")
@@ -167,7 +176,7 @@ def test_config(tmp_path: Path) -> Path:
     return path
 
 
-test_config.__test__ = False  # type: ignore[attr-defined]
+
 
 
 class Daemon:
@@ -210,10 +219,12 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, daemon_env: dict[str, str]) -> Iterator[Daemon]:
+def daemon(
+    tmp_path: Path, daemon_env: dict[str, str], forget_topology: list[BrokerConfig]
+) -> Iterator[Daemon]:
     signer = SigningKey.generate()
     daemon_env["BRIDGE_KEY_BASE_URL"] = key_folder(tmp_path / "keys", signer)
-    running = Daemon(test_config(tmp_path), daemon_env)
+    running = Daemon(isolated_config(tmp_path, forget_topology), daemon_env)
     running.signer = signer  # type: ignore[attr-defined]
     yield running
     if running.process.poll() is None:
@@ -322,6 +333,7 @@ class SlowKeys:
 def test_sigterm_answers_in_flight_requests_then_exits_0(
     tmp_path: Path,
     daemon_env: dict[str, str],
+    forget_topology: list[BrokerConfig],
 ) -> None:
     signer = SigningKey.generate()
 
@@ -333,7 +345,7 @@ def test_sigterm_answers_in_flight_requests_then_exits_0(
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         daemon_env["BRIDGE_KEY_BASE_URL"] = f"http://127.0.0.1:{port}"
-        daemon = Daemon(test_config(tmp_path), daemon_env)
+        daemon = Daemon(isolated_config(tmp_path, forget_topology), daemon_env)
         try:
             await asyncio.to_thread(daemon.wait_ready)
             body = json.dumps(
@@ -366,7 +378,7 @@ def test_sigterm_answers_in_flight_requests_then_exits_0(
 
 
 def test_declare_creates_the_topology(tmp_path: Path, amqp_url: str) -> None:
-    config = test_config(tmp_path)
+    config = isolated_config(tmp_path)
     result = cli("declare", "--config", str(config), env={"BRIDGE_AMQP_URL": amqp_url})
     assert result.returncode == 0, result.stderr
     assert "declared exchange cli." in result.stdout

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.app import create_app
+from bridge.config import BrokerConfig
 from tests.helpers import SAMPLES, KeyServer, make_config
 
 Client = TestClient[web.Request, web.Application]
@@ -78,6 +79,7 @@ async def test_vector_through_http(
     key_server: tuple[KeyServer, str],
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
     amqp_url: str,
+    forget_topology: list[BrokerConfig],
 ) -> None:
     case = CASES[case_id]
     server, base_url = key_server
@@ -85,6 +87,7 @@ async def test_vector_through_http(
         server.keys[ANY_PATH if path == "(any path)" else moved(path)] = (SIGS / file).read_bytes()
     recipient = case["recipient_client_id"] or "no-client-id"
     config = make_config(key_base_url=base_url, amqp_url=amqp_url, client_ids=[recipient])
+    forget_topology.append(config.broker)
     client = await aiohttp_client(create_app(config))
     deadline = time.monotonic() + 15
     while (await client.get("/readyz")).status != 200:
