@@ -47,6 +47,12 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
     app[PUBLISHER] = chosen
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        if config.verification.key_base_url.startswith("http://"):
+            log.warning(
+                "key_host_without_tls",
+                key_base_url=config.verification.key_base_url,
+                detail="public keys are fetched over plain HTTP: for local tests only",
+            )
         if not config.verification.enabled:
             log.warning(
                 "signature_verification_disabled",

@@ -1,7 +1,8 @@
 """The ``events-bridge`` command: sub-commands, and errors turned into exit codes.
 
-Exit codes: 0 success; 1 a command that ran but did not succeed (a refused delivery, a broker
-that cannot be reached); 2 bad usage; 78 (EX_CONFIG) an invalid configuration. A user's mistake
+Exit codes: 0 success; 1 a command that could not do its work (a file it cannot read, a broker
+it cannot reach, a refused delivery); 2 bad options (argparse); 78 (EX_CONFIG) an invalid
+configuration. A user's mistake
 ends with one clear line on stderr, never a traceback.
 """
 

@@ -33,6 +33,10 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_AMQP_URL = re.compile(
+    r"^amqps?://(?:[^@/?#]*@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
+    r"(?:/[^?#]*)?(?:\?[^#]*)?$"
+)
 
 MAX_KEY_CACHE_SECONDS = 24 * 3600  # Adobe: cache a public key for not more than 24 h
 
@@ -42,6 +46,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    max_in_flight: int = 256  # webhook requests at once; more get 429
     # Adobe gives up after 10 s including connection set-up; we answer within this.
     answer_deadline: float = 7.5
     shutdown_timeout: float = 20.0
@@ -164,7 +169,7 @@ class _Section:
     def _sub(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def _get(self, key: str, default: T, convert: Callable[[str], T], expected: str) -> T:
+    def get(self, key: str, default: T, convert: Callable[[str], T], expected: str) -> T:
         node = self.items.get(key)
         if node is None:
             return default
@@ -186,7 +191,7 @@ class _Section:
         expected = (
             "a non-empty string" if pattern is None else f"a value matching {pattern.pattern}"
         )
-        return self._get(key, default, convert, expected)
+        return self.get(key, default, convert, expected)
 
     def number(self, key: str, default: float, low: float, high: float) -> float:
         def convert(text: str) -> float:
@@ -195,7 +200,7 @@ class _Section:
                 raise ValueError
             return value
 
-        return self._get(key, default, convert, f"a number from {low:g} to {high:g}")
+        return self.get(key, default, convert, f"a number from {low:g} to {high:g}")
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
         def convert(text: str) -> int:
@@ -204,11 +209,11 @@ class _Section:
                 raise ValueError
             return value
 
-        return self._get(key, default, convert, f"a whole number from {low} to {high}")
+        return self.get(key, default, convert, f"a whole number from {low} to {high}")
 
     def boolean(self, key: str, default: bool) -> bool:
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-        return self._get(key, default, lambda t: words[t.strip().lower()], "true or false")
+        return self.get(key, default, lambda t: words[t.strip().lower()], "true or false")
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         def convert(text: str) -> str:
@@ -216,7 +221,7 @@ class _Section:
                 raise ValueError
             return text
 
-        return self._get(key, default, convert, "one of " + ", ".join(choices))
+        return self.get(key, default, convert, "one of " + ", ".join(choices))
 
     def strings(self, key: str) -> tuple[str, ...] | None:
         """A YAML list of strings, or one comma-separated string (handy from an env variable)."""
@@ -240,16 +245,24 @@ def _server(doc: _Doc, node: yaml.Node | None) -> ServerConfig:
     s = doc.mapping(
         node,
         "server",
-        {"host", "port", "max_body_bytes", "answer_deadline", "shutdown_timeout"},
+        {"host", "port", "max_body_bytes", "max_in_flight", "answer_deadline", "shutdown_timeout"},
     )
     d = ServerConfig()
-    return ServerConfig(
+    cfg = ServerConfig(
         host=s.string("host", d.host),
         port=s.integer("port", d.port, 0, 65535),
         max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, 1024, 256 * 1024 * 1024),
-        answer_deadline=s.number("answer_deadline", d.answer_deadline, 1.0, 9.5),
+        max_in_flight=s.integer("max_in_flight", d.max_in_flight, 1, 100_000),
+        answer_deadline=s.number("answer_deadline", d.answer_deadline, 1.0, 8.0),
         shutdown_timeout=s.number("shutdown_timeout", d.shutdown_timeout, 0.0, 600.0),
     )
+    if cfg.shutdown_timeout < cfg.answer_deadline:
+        doc.fail(
+            "server.shutdown_timeout",
+            s.items.get("shutdown_timeout"),
+            "must be at least server.answer_deadline, so requests in flight are answered",
+        )
+    return cfg
 
 
 def _broker(doc: _Doc, node: yaml.Node | None) -> BrokerConfig:
@@ -268,7 +281,7 @@ def _broker(doc: _Doc, node: yaml.Node | None) -> BrokerConfig:
         },
     )
     d = BrokerConfig()
-    url = s.string("url", d.url, re.compile(r"^amqps?://"))
+    url = s.get("url", d.url, _amqp_url, "an amqp:// or amqps:// URL with a host")
     cfg = BrokerConfig(
         url=url,
         heartbeat=s.integer("heartbeat", d.heartbeat, 0, 600),
@@ -297,15 +310,32 @@ def _verification(doc: _Doc, node: yaml.Node | None) -> VerificationConfig:
     d = VerificationConfig()
     return VerificationConfig(
         enabled=s.boolean("enabled", d.enabled),
-        key_base_url=s.string(
-            "key_base_url", d.key_base_url, re.compile(r"^(https?://[^/?#@]+/?$|file:///)")
-        ).rstrip("/"),
+        key_base_url=_strip_slash(
+            s.string(
+                "key_base_url", d.key_base_url, re.compile(r"^(https?://[^/?#@]+/?$|file:///)")
+            )
+        ),
         key_cache_seconds=s.number(
             "key_cache_seconds", d.key_cache_seconds, 0.0, float(MAX_KEY_CACHE_SECONDS)
         ),
         key_fetch_timeout=s.number("key_fetch_timeout", d.key_fetch_timeout, 0.1, 6.0),
         key_max_bytes=s.integer("key_max_bytes", d.key_max_bytes, 512, 1024 * 1024),
     )
+
+
+def _strip_slash(url: str) -> str:
+    stripped = url.rstrip("/")
+    return "file:///" if stripped == "file:" else stripped
+
+
+def _amqp_url(text: str) -> str:
+    """Accept amqp(s)://[user:pass@]host[:port][/vhost][?query] whose port is a number."""
+    match = _AMQP_URL.match(text)
+    if not match or not match.group("host"):
+        raise ValueError(text)
+    if match.group("port") is not None and not 0 < int(match.group("port")) < 65536:
+        raise ValueError(text)
+    return text
 
 
 def _registrations(doc: _Doc, node: yaml.Node | None) -> tuple[Registration, ...]:

@@ -9,9 +9,9 @@
         ├── BadRequest               400  not JSON, not an event or a batch of events
         ├── Unauthenticated          401  signature missing or wrong, key path not allowed
         ├── Forbidden                403  recipient client id or IMS org not configured
-        ├── RequestTimeout           408  the body did not arrive in time
         ├── PayloadTooLarge          413  body over the configured limit
         ├── UnsupportedMediaType     415  content type is not JSON
+        ├── TooManyRequests          429  too many requests in flight (``Retry-After``)
         └── Unavailable              503  try again later (``Retry-After``)
             ├── KeyHostUnavailable        the public-key host could not be asked
             └── BrokerUnavailable         no confirm from the broker in time
@@ -64,8 +64,11 @@ class Forbidden(Refusal):
     status = 403
 
 
-class RequestTimeout(Refusal):
-    status = 408
+class TooManyRequests(Refusal):
+    """Retryable: Adobe retries 429 too."""
+
+    status = 429
+    retry_after: int = 1
 
 
 class PayloadTooLarge(Refusal):
@@ -81,6 +84,9 @@ class Unavailable(Refusal):
 
     status = 503
     retry_after: int = 5
+
+
+RETRYABLE = (TooManyRequests, Unavailable)
 
 
 class KeyHostUnavailable(Unavailable):

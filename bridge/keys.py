@@ -7,7 +7,8 @@ Owns: the one outbound HTTP client of the daemon. Rules, each a defence:
 - redirects are not followed, bodies are capped (``key_max_bytes``), every fetch has a timeout;
 - a key is cached by path for ``key_cache_seconds`` (at most 24 h, as Adobe asks); a path that
   does not exist (403/404/410) or holds no acceptable RSA key is remembered for 10 s only;
-- concurrent requests for the same path share one fetch;
+- concurrent requests for the same path share one fetch, at most four fetches run at once, and
+  misses are cached apart from keys, so made-up paths cannot evict a real key;
 - ``file:///folder`` base URLs read ``folder/prod/keys/pub-key-<id>.pem`` (tests, ``make run``).
 
 A definite "no such key" raises :class:`KeyMissing` (the signature cannot verify: 401); a host
@@ -21,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 import structlog
@@ -33,17 +34,17 @@ from bridge.config import VerificationConfig
 from bridge.errors import KeyHostUnavailable
 
 log = structlog.get_logger("bridge.keys")
+T = TypeVar("T")
 
 NEGATIVE_TTL: Final = 10.0
-MAX_ENTRIES: Final = 256
+MAX_KEYS: Final = 64  # Adobe uses two keys at a time; rotations add a few
+MAX_MISSES: Final = 1024
+MAX_CONCURRENT_FETCHES: Final = 4
 _MISSING_STATUSES: Final = frozenset({403, 404, 410})  # CloudFront/S3 answer 403 for no object
 
 
 class KeyMissing(Exception):
     """There is no acceptable key at this path (a definite answer, cached briefly)."""
-
-
-_Entry = tuple[float, rsa.RSAPublicKey | KeyMissing]
 
 
 class KeyStore:
@@ -54,7 +55,11 @@ class KeyStore:
     ) -> None:
         self._config = config
         self._clock = clock
-        self._cache: dict[str, _Entry] = {}
+        # Keys and misses are kept apart, so that a flood of made-up paths (each one allowed by
+        # the pattern, each one a miss) can never push a real key out of the cache.
+        self._keys: dict[str, tuple[float, rsa.RSAPublicKey]] = {}
+        self._misses: dict[str, tuple[float, KeyMissing]] = {}
+        self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self._pending: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
         self._session: aiohttp.ClientSession | None = None
         base = config.key_base_url
@@ -71,12 +76,14 @@ class KeyStore:
         if not key_path_allowed(path):  # the receiver checks first; this is the last guard
             raise KeyMissing(f"key path not allowed: {path!r}")
         now = self._clock()
-        entry = self._cache.get(path)
-        if entry is not None and entry[0] > now:
+        known = self._keys.get(path)
+        if known is not None and known[0] > now:
             metrics.KEY_LOOKUPS.labels("cached").inc()
-            if isinstance(entry[1], KeyMissing):
-                raise entry[1]
-            return entry[1]
+            return known[1]
+        miss = self._misses.get(path)
+        if miss is not None and miss[0] > now:
+            metrics.KEY_LOOKUPS.labels("cached").inc()
+            raise miss[1]
         task = self._pending.get(path)
         if task is None:
             # The fetch runs in its own task: a request that gives up (deadline, client gone)
@@ -92,22 +99,18 @@ class KeyStore:
             task.exception()  # retrieved here, so an unwaited failure is not reported as lost
 
     async def _fetch_and_store(self, path: str) -> rsa.RSAPublicKey:
-        try:
-            key = await self._fetch(path)
-        except KeyMissing as exc:
-            self._store(path, NEGATIVE_TTL, exc)
-            raise
-        self._store(path, self._config.key_cache_seconds, key)
-        return key
-
-    def _store(self, path: str, ttl: float, value: rsa.RSAPublicKey | KeyMissing) -> None:
+        # A few fetches at a time: made-up paths cannot open a hundred connections at once.
+        async with self._fetch_slots:
+            try:
+                key = await self._fetch(path)
+            except KeyMissing as exc:
+                now = self._clock()
+                _store(self._misses, MAX_MISSES, now, path, (now + NEGATIVE_TTL, exc))
+                raise
+        self._misses.pop(path, None)
         now = self._clock()
-        if len(self._cache) >= MAX_ENTRIES:
-            for stale in [p for p, (expires, _) in self._cache.items() if expires <= now]:
-                del self._cache[stale]
-            while len(self._cache) >= MAX_ENTRIES:
-                del self._cache[next(iter(self._cache))]
-        self._cache[path] = (now + ttl, value)
+        _store(self._keys, MAX_KEYS, now, path, (now + self._config.key_cache_seconds, key))
+        return key
 
     async def _fetch(self, path: str) -> rsa.RSAPublicKey:
         started = time.perf_counter()
@@ -175,3 +178,16 @@ class KeyStore:
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             raise KeyHostUnavailable("key_unavailable", f"key host unreachable: {reason}") from None
+
+
+def _store(
+    cache: dict[str, tuple[float, T]], limit: int, now: float, path: str, entry: tuple[float, T]
+) -> None:
+    """Insert, first dropping expired entries and then the oldest, to stay within ``limit``."""
+    cache.pop(path, None)
+    if len(cache) >= limit:
+        for stale in [p for p, (expires, _) in cache.items() if expires <= now]:
+            del cache[stale]
+        while len(cache) >= limit:
+            del cache[next(iter(cache))]
+    cache[path] = entry

@@ -8,6 +8,7 @@ stays free for command output (``tail``, ``route``).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -37,7 +38,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         processors = [
             *shared,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
@@ -56,3 +57,16 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
         force=True,
     )
+    # The publisher logs every connection loss and failed publish itself (broker_connection_lost,
+    # webhook_handled); aiormq and aio-pika would add a traceback for each one.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _dumps(value: Any, **_kwargs: Any) -> bytes:
+    """orjson, else the standard library for what orjson refuses (a lone surrogate): a log line
+    must never fail a request."""
+    try:
+        return orjson.dumps(value, default=str)
+    except TypeError:
+        return json.dumps(value, default=str).encode()

@@ -32,6 +32,21 @@ COPIED_HEADERS = {
 MAX_COPIED_HEADER = 1024
 
 
+def header_text(
+    headers: Mapping[str, str], name: str, limit: int = MAX_COPIED_HEADER
+) -> str | None:
+    """A request header's value if present and valid UTF-8 (aiohttp keeps other bytes as lone
+    surrogates, which no AMQP header or JSON log line can carry), cut to ``limit`` characters."""
+    value = headers.get(name)
+    if not value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value[:limit]
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What a delivery's HTTP request tells about all of its events."""
@@ -45,9 +60,9 @@ class RequestContext:
         cls, registration: str, received_at: datetime, headers: Mapping[str, str]
     ) -> RequestContext:
         copied = {
-            name: headers[source][:MAX_COPIED_HEADER]
+            name: value
             for source, name in COPIED_HEADERS.items()
-            if headers.get(source)
+            if (value := header_text(headers, source)) is not None
         }
         return cls(registration, received_at, copied)
 

@@ -50,6 +50,7 @@ from bridge.message import Outbound
 log = structlog.get_logger("bridge.publisher")
 
 FIRST_RETRY_DELAY = 0.2
+CLOSE_TIMEOUT = 2.0
 
 
 class Publisher(Protocol):
@@ -105,6 +106,7 @@ class AmqpPublisher:
         self._became_ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._in_flight_ids: dict[str, asyncio.Future[None]] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
 
     @property
     def ready(self) -> bool:
@@ -186,11 +188,17 @@ class AmqpPublisher:
         metrics.BROKER_READY.set(0)
         self._channel = None
         self._exchanges = {}
-        connection, self._connection = self._connection, None
+        connection = self._connection
         if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception, asyncio.TimeoutError):
-                async with asyncio.timeout(2):
-                    await connection.close()
+            # aio-pika's close() awaits its close callbacks in a `finally`, so a cancellation (a
+            # timeout) cannot stop it: run it as a task of its own and wait a bounded time.
+            closing = asyncio.create_task(connection.close(), name="broker-close")
+            self._closing.add(closing)
+            closing.add_done_callback(_forget(self._closing))
+            await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+        # Forgotten only once closed: close() cancelling the supervisor mid-way closes it again.
+        if self._connection is connection:
+            self._connection = None
 
     async def publish(self, messages: Sequence[Outbound]) -> None:
         """Publish all messages concurrently; return only when every one is confirmed.
@@ -238,7 +246,12 @@ class AmqpPublisher:
         except TimeoutError:
             reason, detail = "timeout", f"no confirm within {self._config.publish_timeout:g}s"
         except PublishError:
+            # Our exchanges have an alternate exchange, so a return means the topology is broken
+            # (the unrouted exchange or queue was deleted): reconnect, which declares it again.
             reason, detail = "returned", "broker returned the message as unroutable"
+            if out.exchange in (self._config.exchange, self._config.unrouted_exchange):
+                log.warning("topology_broken", exchange=out.exchange, action="redeclaring")
+                self._lost.set()
         except DeliveryError:
             reason, detail = "nacked", "broker refused the message (nack)"
         except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
@@ -262,3 +275,12 @@ class AmqpPublisher:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Any:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed close of a dead connection is expected, not news
+
+    return done

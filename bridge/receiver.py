@@ -8,9 +8,10 @@ Owns: the handlers for ``POST <path>`` (events, batches and the ``validationUrl`
 ``GET <path>?challenge=…``, and the one error middleware that maps :class:`Refusal` to HTTP,
 writes the canonical log line and counts the request. Each registration gets its own path.
 
-Every answer comes within ``server.answer_deadline`` (7.5 s; Adobe gives up at 10 s): a body that
-does not arrive in time is a 408, anything else that runs out of time is a 503 (Adobe retries).
-Does not: know AMQP, fetch keys, or parse JSON itself.
+Every answer comes within ``server.answer_deadline`` (7.5 s; Adobe gives up at 10 s): whatever
+runs out of time, the body's arrival included, is a 503 (Adobe retries it). More than
+``server.max_in_flight`` requests at once get a 429. Does not: know AMQP, fetch keys, or parse
+JSON itself.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ from typing import Any, Final
 import orjson
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from bridge import metrics
-from bridge.adobe.envelope import Delivery, parse_delivery
+from bridge.adobe.envelope import MAX_FIELD_BYTES, Delivery, parse_delivery
 from bridge.adobe.signature import KEY_PATH_HEADERS, SIGNATURE_HEADERS
 from bridge.config import Config, Registration
 from bridge.errors import (
+    RETRYABLE,
     BadRequest,
     Forbidden,
     PayloadTooLarge,
     Refusal,
-    RequestTimeout,
+    TooManyRequests,
     Unavailable,
     UnsupportedMediaType,
 )
-from bridge.message import RequestContext, build_message
+from bridge.message import RequestContext, build_message, header_text
 from bridge.publisher import Publisher
 from bridge.routing import Router
 from bridge.verify import Verifier
@@ -88,7 +91,7 @@ async def answer_middleware(
         outcome = refusal.reason
         fields["detail"] = refusal.detail
         headers = {}
-        if isinstance(refusal, Unavailable):
+        if isinstance(refusal, RETRYABLE):
             headers["Retry-After"] = str(refusal.retry_after)
         response = json_response(
             refusal.status, {"error": refusal.reason, "detail": refusal.detail}, headers
@@ -123,6 +126,7 @@ class Receiver:
     verifier: Verifier
     publisher: Publisher
     router: Router
+    in_flight: int = 0
 
     def add_routes(self, app: web.Application) -> None:
         for registration in self.config.registrations:
@@ -144,15 +148,24 @@ class Receiver:
         fields = request[LOG_FIELDS]
         fields["registration"] = registration.name
         headers = request.headers
-        if headers.get("x-adobe-delivery-id"):
-            fields["delivery_id"] = headers["x-adobe-delivery-id"][:128]
-        deadline = asyncio.get_running_loop().time() + self.config.server.answer_deadline
-        body = await self._receive(request, deadline)
+        delivery_id = header_text(headers, "x-adobe-delivery-id", 128)
+        if delivery_id is not None:
+            fields["delivery_id"] = delivery_id
+        if self.in_flight >= self.config.server.max_in_flight:
+            raise TooManyRequests("too_many_requests", "too many requests in flight")
+        self.in_flight += 1
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._process(request, registration, body, fields)
-        except TimeoutError:
-            raise Unavailable("deadline", "could not finish within the answer deadline") from None
+            deadline = asyncio.get_running_loop().time() + self.config.server.answer_deadline
+            body = await self._receive(request, deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._process(request, registration, body, fields)
+            except TimeoutError:
+                raise Unavailable(
+                    "deadline", "could not finish within the answer deadline"
+                ) from None
+        finally:
+            self.in_flight -= 1
 
     async def _receive(self, request: web.Request, deadline: float) -> bytes:
         if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
@@ -170,7 +183,8 @@ class Receiver:
                     if len(body) > limit:
                         raise PayloadTooLarge("body_too_large", f"body over the {limit}-byte limit")
         except TimeoutError:
-            raise RequestTimeout("body_timeout", "the body did not arrive in time") from None
+            # 503, not 408: Adobe retries only 429 and 5xx, and a slow link may be Adobe's.
+            raise Unavailable("body_timeout", "the body did not arrive in time") from None
         return bytes(body)
 
     async def _process(
@@ -189,7 +203,9 @@ class Receiver:
                     return self._validation(registration, delivery, fields)
             await self.verifier.check(headers, body)
         delivery = parse_delivery(
-            body, headers.get("x-adobe-event-id"), headers.get("x-adobe-event-code")
+            body,
+            header_text(headers, "x-adobe-event-id", MAX_FIELD_BYTES),
+            header_text(headers, "x-adobe-event-code", MAX_FIELD_BYTES),
         )
         if delivery.validation_url is not None:
             return self._validation(registration, delivery, fields)
@@ -211,6 +227,13 @@ class Receiver:
     def _validation(
         self, registration: Registration, delivery: Delivery, fields: dict[str, Any]
     ) -> web.Response:
+        url = URL(delivery.validation_url or "")
+        host = url.host or ""
+        if url.scheme != "https" or not (host == "adobe.io" or host.endswith(".adobe.io")):
+            # Anyone can POST this unsigned; only Adobe's own host is worth an operator's click.
+            raise BadRequest(
+                "validation_url_not_adobe", "validationUrl is not an https adobe.io URL"
+            )
         metrics.VALIDATION_POSTS.labels(registration.name).inc()
         log.warning(
             "validation_url_received",

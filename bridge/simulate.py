@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import sys
 import uuid
@@ -60,23 +61,23 @@ def generate_keys(folder: Path, name: str | None = None, force: bool = False) ->
     if not force and (public.exists() or private.exists()):
         raise UsageError(f"{public} already exists (use --force to replace it)")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public.parent.mkdir(parents=True, exist_ok=True)
-    private.parent.mkdir(parents=True, exist_ok=True)
-    private.parent.chmod(0o700)
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    private.chmod(0o600)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM,
-            serialization.PublicFormat.SubjectPublicKeyInfo,
-        )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    try:
+        public.parent.mkdir(parents=True, exist_ok=True)
+        private.parent.mkdir(parents=True, exist_ok=True)
+        private.parent.chmod(0o700)
+        # Created owner-only from the start: never readable by others, not even for a moment.
+        descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(private_pem)
+        public.write_bytes(public_pem)
+    except OSError as exc:
+        raise UsageError(f"cannot write keys into {folder}: {exc.strerror or exc}") from None
     return DevKeys(private, public, key_path, f"file://{folder}")
 
 

@@ -66,6 +66,8 @@ async def tail(
     as_json: bool = False,
 ) -> int:
     """Print messages until ``count`` arrived or ``seconds`` passed (0: no limit)."""
+    if not binding_key or len(binding_key.encode("utf-8")) > 255:
+        raise UsageError("the binding key must be 1 to 255 bytes")
     try:
         connection = await aio_pika.connect(
             url, timeout=10, client_properties={"connection_name": "bridge-tail"}
@@ -104,7 +106,7 @@ async def tail(
                 async with message.process():
                     info = describe(message)
                     if as_json:
-                        sys.stdout.write(orjson.dumps(info).decode() + "\n")
+                        sys.stdout.write(orjson.dumps(info, default=str).decode() + "\n")
                         sys.stdout.flush()
                     else:
                         render(info, sys.stdout)

@@ -276,6 +276,23 @@ async def test_deleted_exchange_gives_503_then_the_bridge_heals_itself(
     assert messages[0].message_id == "healed"
 
 
+async def test_deleted_unrouted_queue_is_declared_again(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    consumer: aio_pika.abc.AbstractChannel,
+) -> None:
+    bridge = await make_bridge()
+    await consumer.queue_delete(bridge.config.broker.unrouted_queue)
+    response = await bridge.post(lightroom("parked-after-delete"))
+    assert response.status == 503  # returned: nothing could take it
+    deadline = time.monotonic() + 10
+    while (await bridge.post(lightroom("parked-after-heal"))).status != 200:
+        assert time.monotonic() < deadline, "the unrouted queue was not declared again"
+        await asyncio.sleep(0.2)
+    queue = await consumer.get_queue(bridge.config.broker.unrouted_queue)
+    (message,) = await take(queue, 1)
+    assert message.message_id == "parked-after-heal"
+
+
 @pytest.fixture
 async def proxy(amqp_url: str) -> AsyncIterator[Proxy]:
     url = URL(amqp_url)

@@ -112,6 +112,8 @@ def test_serve_with_a_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
             "cannot read private key /nope.pem",
         ),
         (["keys", "generate", "/tmp", "--name", "../evil"], "key name '../evil' is not allowed"),
+        (["keys", "generate", "/proc/no/such"], "cannot write keys into /proc/no/such"),
+        (["tail", "x" * 300], "the binding key must be 1 to 255 bytes"),
     ],
 )
 def test_user_mistakes_end_in_one_clear_line(args: list[str], message: str) -> None:
@@ -174,9 +176,6 @@ def isolated_config(tmp_path: Path, forget: list[BrokerConfig] | None = None) ->
     path = tmp_path / "bridge.yaml"
     path.write_text(text)
     return path
-
-
-
 
 
 class Daemon:

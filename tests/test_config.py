@@ -117,7 +117,7 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
         ),
         (
             "broker:\n  url: http://x\n" + MINIMAL,
-            "broker.url: expected a value matching ^amqps?://, got 'http://x' (t.yaml:2)",
+            "broker.url: expected an amqp:// or amqps:// URL with a host, got 'http://x'",
         ),
         (
             "verification:\n  enabled: maybe\n" + MINIMAL,
@@ -162,6 +162,15 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
         ("server: [\n", "(top): not valid YAML"),
         ("server:\n  port: 1\n  port: 2\n" + MINIMAL, "server.port: duplicate key (t.yaml:3)"),
         (
+            "broker:\n  url: amqp://h:abc/\n" + MINIMAL,
+            "broker.url: expected an amqp:// or amqps:// URL with a host, got 'amqp://h:abc/'",
+        ),
+        (
+            "server:\n  shutdown_timeout: 2\n" + MINIMAL,
+            "server.shutdown_timeout: must be at least server.answer_deadline",
+        ),
+        ("server:\n  answer_deadline: 9\n" + MINIMAL, "server.answer_deadline: expected a number"),
+        (
             "broker:\n  exchange: a\n  unrouted_exchange: a\n" + MINIMAL,
             "broker.unrouted_exchange: must differ from broker.exchange (t.yaml:3)",
         ),
@@ -191,3 +200,10 @@ def test_config_is_frozen() -> None:
 def test_unset_variables_in_sections_not_read_are_no_problem() -> None:
     config = load_config(SHIPPED, {}, sections=("broker",))
     assert config.broker.exchange == "adobe.events"
+
+
+def test_file_root_key_base_url_stays_a_file_url() -> None:
+    config = parse_config("verification:\n  key_base_url: file:///\n" + MINIMAL, "t.yaml", {})
+    assert config.verification.key_base_url == "file:///"
+    config = parse_config("verification:\n  key_base_url: file:///k/\n" + MINIMAL, "t.yaml", {})
+    assert config.verification.key_base_url == "file:///k"

@@ -349,7 +349,7 @@ async def test_every_answer_comes_within_the_deadline(
     assert time.monotonic() - started < 2.0
 
 
-async def test_a_body_that_never_arrives_gets_408(
+async def test_a_body_that_never_arrives_gets_503(
     make_bridge: Callable[..., Awaitable[Bridge]],
 ) -> None:
     bridge = await make_bridge(answer_deadline=1.0)
@@ -362,7 +362,7 @@ async def test_a_body_that_never_arrives_gets_408(
     await writer.drain()
     started = time.monotonic()
     status_line = await asyncio.wait_for(reader.readline(), 5)
-    assert status_line.split()[1] == b"408"
+    assert status_line.split()[1] == b"503"  # Adobe retries 5xx, never 408
     assert time.monotonic() - started < 2.0
     writer.close()
 
@@ -374,3 +374,77 @@ async def test_metrics_are_prometheus_text(bridge: Bridge) -> None:
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()
     assert 'bridge_requests_total{outcome="published",registration="default",status="200"}' in text
+
+
+async def test_too_many_in_flight_gets_429(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    keys: tuple[KeyServer, str],
+    signer: SigningKey,
+) -> None:
+    config = make_config(key_base_url=keys[1], max_in_flight=2, answer_deadline=1.0)
+    client = await aiohttp_client(create_app(config, SlowPublisher()))
+    body = event_body()
+    responses = await asyncio.gather(
+        *(client.post("/webhook", data=body, headers=signer.headers(body)) for _ in range(4))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [429, 429, 503, 503]
+    limited = next(r for r in responses if r.status == 429)
+    assert limited.headers["Retry-After"] == "1"
+
+
+async def raw_request(bridge: Bridge, head: bytes, body: bytes) -> bytes:
+    server = bridge.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(head + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    return status_line
+
+
+async def test_header_bytes_that_are_not_utf8_never_cause_a_500(bridge: Bridge) -> None:
+    body = event_body()
+    head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for name, value in bridge.signer.headers(body).items():
+        if name != "content-type":
+            head += name.encode() + b": " + value.encode() + b"\r\n"
+    head += b"x-adobe-provider: \xff\xfe\r\nx-adobe-delivery-id: \xc3\x28\r\n"
+    assert (await raw_request(bridge, head, body)).split()[1] == b"200"
+    (message,) = bridge.publisher.published
+    assert "adobe-provider" not in message.headers
+
+
+async def test_event_code_too_long_for_a_routing_key_is_a_400(bridge: Bridge) -> None:
+    header = {**LIGHTROOM["event"]["header"], "eventCode": "c" * 200}
+    response = await bridge.post(event_body(event={**LIGHTROOM["event"], "header": header}))
+    assert response.status == 400
+    assert (await response.json())["error"] == "field_too_long"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://csm.adobe.io/x", "https://evil.example/csm.adobe.io", "https://adobe.io.evil/x"]
+)
+async def test_validation_url_that_is_not_adobes_is_refused(bridge: Bridge, url: str) -> None:
+    response = await bridge.client.post(
+        "/webhook",
+        data=orjson.dumps({"validationUrl": url}),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status == 400
+    assert (await response.json())["error"] == "validation_url_not_adobe"
+
+
+async def test_made_up_key_paths_cannot_evict_the_real_key(bridge: Bridge) -> None:
+    assert (await bridge.post(event_body())).status == 200
+    body = event_body()
+    for i in range(300):
+        path = f"/prod/keys/pub-key-junk{i}.pem"
+        headers = bridge.signer.headers(
+            body, **{"x-adobe-public-key1-path": path, "x-adobe-public-key2-path": path}
+        )
+        response = await bridge.client.post("/webhook", data=body, headers=headers)
+        assert response.status == 401
+    hits = len(bridge.keys.hits)
+    assert (await bridge.post(event_body())).status == 200
+    assert len(bridge.keys.hits) == hits  # served from the cache, not fetched again

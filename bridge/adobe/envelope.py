@@ -33,10 +33,12 @@ from typing import Any
 
 import orjson
 
-from bridge.adobe.jobstatus import job_id, job_status
+from bridge.adobe.jobstatus import MAX_STATUS_LENGTH, job_id, job_status
 from bridge.errors import BadRequest
 
 MAX_FIELD_BYTES = 255  # AMQP short strings: message_id, type
+# The routing key `<code>.<status>` is a short string too; statuses are at most 64 characters.
+MAX_CODE_BYTES = MAX_FIELD_BYTES - 1 - MAX_STATUS_LENGTH
 UNKNOWN_CODE = "unknown"
 
 
@@ -205,9 +207,12 @@ def _event(
     # is "unknown" (routed to `unknown.<status>`, parked in adobe.unrouted if nobody binds it).
     event_id = _first(doc, _ID_PATHS) or header_id or "sha256:" + hashlib.sha256(raw).hexdigest()
     code = _code(doc, envelope) or header_code or UNKNOWN_CODE
-    for name, value in (("event id", event_id), ("event code", code)):
-        if len(value.encode("utf-8")) > MAX_FIELD_BYTES:
-            raise BadRequest("field_too_long", f"{where}{name} longer than {MAX_FIELD_BYTES} bytes")
+    for name, value, limit in (
+        ("event id", event_id, MAX_FIELD_BYTES),
+        ("event code", code, MAX_CODE_BYTES),
+    ):
+        if len(value.encode("utf-8")) > limit:
+            raise BadRequest("field_too_long", f"{where}{name} longer than {limit} bytes")
     payload = _get(doc, "data") if envelope == "cloudevents" else _get(doc, "event", "body")
     jid = job_id(payload)
     return Event(
@@ -244,8 +249,8 @@ def parse_delivery(
         )
         return Delivery(events, batch=True)
     if isinstance(doc, dict):
-        url = doc.get("validationUrl")
-        if isinstance(url, str) and not {"event", "specversion", "eventid", "event_id"} & set(doc):
+        url = _text(doc, "validationUrl")
+        if url is not None and not {"event", "specversion", "eventid", "event_id"} & set(doc):
             return Delivery((), batch=False, validation_url=url)
         return Delivery((_event(raw, doc, None, header_event_id, header_event_code),), batch=False)
     raise BadRequest("not_an_event", "body is neither an event object nor a batch array")
