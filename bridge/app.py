@@ -14,16 +14,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Final
 
+import aio_pika
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge import __version__, metrics
-from bridge.config import Config
+from bridge.config import Config, load_config
+from bridge.errors import ConfigError
 from bridge.keys import KeyStore
-from bridge.publisher import AmqpPublisher, Publisher
+from bridge.publisher import AmqpPublisher, Publisher, TopologyMissing
 from bridge.receiver import Receiver, answer_middleware, json_response
-from bridge.routing import Router
 from bridge.verify import Verifier
 
 log = structlog.get_logger("bridge.app")
@@ -31,6 +32,41 @@ log = structlog.get_logger("bridge.app")
 CONFIG: Final = web.AppKey("config", Config)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 KEYS: Final = web.AppKey("keys", KeyStore)
+RECEIVER: Final = web.AppKey("receiver", Receiver)
+
+
+async def reload_config(app: web.Application, path: str) -> bool:
+    """SIGHUP: re-read the config file; apply its routes when valid, else keep the old ones.
+
+    The new topology is declared first, on a channel of its own, so new routes never point to
+    an exchange that does not exist yet. Requests in flight finish with the rules they started
+    with; the next ones use the new rules. Nothing is dropped on the way.
+    """
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error(
+            "config_reload_failed",
+            config=path,
+            problems=exc.problems,
+            action="keeping the running configuration",
+        )
+        return False
+    publisher = app[PUBLISHER]
+    if isinstance(publisher, AmqpPublisher):
+        try:
+            await publisher.apply_topology(config.topology)
+        except (TopologyMissing, aio_pika.exceptions.AMQPError, OSError) as exc:
+            log.error(
+                "config_reload_failed",
+                config=path,
+                problems=[f"topology: {exc}"],
+                action="keeping the running configuration",
+            )
+            return False
+    notes = app[RECEIVER].reload(config)
+    log.info("config_reloaded", config=path, routes=len(config.routes), not_applied=notes)
+    return True
 
 
 def create_app(config: Config, publisher: Publisher | None = None) -> web.Application:
@@ -43,7 +79,9 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
     app[CONFIG] = config
     app[KEYS] = keys
     owned = publisher is None
-    chosen: Publisher = AmqpPublisher(config.broker) if publisher is None else publisher
+    chosen: Publisher = (
+        AmqpPublisher(config.broker, config.topology) if publisher is None else publisher
+    )
     app[PUBLISHER] = chosen
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -70,7 +108,9 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
         log.info("bridge_stopped")
 
     app.cleanup_ctx.append(lifetime)
-    Receiver(config, Verifier(keys), chosen, Router(config.broker.exchange)).add_routes(app)
+    receiver = Receiver(config, Verifier(keys), chosen)
+    receiver.add_routes(app)
+    app[RECEIVER] = receiver
 
     async def healthz(_request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok"})

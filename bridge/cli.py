@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("event", type=Path, metavar="EVENT.json")
     p.add_argument("--event-id", help="the x-adobe-event-id header, for bodies without an id")
     p.add_argument("--event-code", help="the x-adobe-event-code header, for bodies without a code")
+    p.add_argument("--provider", help="the x-adobe-provider header, for rules that match on it")
+    p.add_argument("--registration", help="use this registration's own routes, if it has any")
 
     p = sub.add_parser(
         "simulate",
@@ -215,14 +217,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bridge import logs
 
     logs.configure(config.logging.format, config.logging.level)
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, args.config))
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, path: str) -> int:
     import structlog
     from aiohttp import web
 
-    from bridge.app import create_app
+    from bridge.app import PUBLISHER, create_app, reload_config
+    from bridge.publisher import AmqpPublisher
 
     log = structlog.get_logger("bridge.cli")
     app = create_app(config)
@@ -241,20 +244,39 @@ async def _serve(config: Config) -> int:
     stop = asyncio.Event()
     received: list[str] = []
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
 
     def on_signal(signum: signal.Signals) -> None:
         received.append(signum.name)
         stop.set()
 
+    def on_hangup() -> None:
+        task = loop.create_task(reload_config(app, path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     log.info(
         "bridge_listening", host=config.server.host, port=config.server.port, config=config.source
     )
-    await stop.wait()
-    log.info("bridge_stopping", signal=received[0] if received else None)
+    publisher = app[PUBLISHER]
+    fatal = publisher.fatal if isinstance(publisher, AmqpPublisher) else None
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+    if fatal is not None:
+        waiters.append(fatal)  # passive topology missing at start-up: stop with one line
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    problem = (
+        fatal.result() if fatal is not None and fatal.done() and not fatal.cancelled() else None
+    )
+    log.info("bridge_stopping", signal=received[0] if received else None, problem=problem)
     # Stops accepting, lets in-flight requests finish (shutdown_timeout), then cleanup_ctx.
     await runner.cleanup()
+    if problem is not None:
+        raise UsageError(problem)
     return 0
 
 
@@ -271,12 +293,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_declare(args: argparse.Namespace) -> int:
-    config = _load(args.config, ("broker",))
+    config = _load(args.config, ("broker", "topology"))
+    topology = config.topology
 
-    async def declare() -> None:
+    async def declare() -> list[str]:
         import aio_pika
 
-        from bridge.publisher import broker_url, declare_topology, redacted
+        from bridge.publisher import broker_url, check_topology, declare_topology, redacted
 
         try:
             connection = await aio_pika.connect(
@@ -287,17 +310,30 @@ def cmd_declare(args: argparse.Namespace) -> int:
                 f"cannot connect to {redacted(config.broker.url)}: {exc or type(exc).__name__}"
             ) from None
         async with connection:
+            if topology.passive:
+                return await check_topology(connection, topology)
             try:
-                await declare_topology(await connection.channel(), config.broker)
+                await declare_topology(await connection.channel(), topology)
             except aio_pika.exceptions.AMQPError as exc:
                 raise UsageError(f"declare failed: {exc}") from None
+        return []
 
-    asyncio.run(declare())
-    b = config.broker
-    print(
-        f"declared exchange {b.exchange} (topic, alternate exchange {b.unrouted_exchange}), "
-        f"exchange {b.unrouted_exchange} (fanout) and queue {b.unrouted_queue} (quorum)"
-    )
+    missing = asyncio.run(declare())
+    if missing:
+        raise UsageError(", ".join(missing) + " missing on the broker (topology.passive is true)")
+    verb = "checked" if topology.passive else "declared"
+    for e in topology.exchanges:
+        ae = f", alternate exchange {e.alternate_exchange}" if e.alternate_exchange else ""
+        print(f"{verb} exchange {e.name} ({e.type}{ae})")
+    for q in topology.queues:
+        dlx = (
+            f", dead letters to {q.dead_letter_exchange!r}"
+            if q.dead_letter_exchange is not None
+            else ""
+        )
+        print(f"{verb} queue {q.name} ({q.type}{dlx})")
+    for b in topology.bindings:
+        print(f"{verb} binding {b.exchange} -> {b.queue} with {b.routing_key!r}")
     return 0
 
 
@@ -305,7 +341,14 @@ def cmd_route(args: argparse.Namespace) -> int:
     from bridge.adobe.envelope import parse_delivery
     from bridge.routing import Router
 
-    config = _load(args.config, ("broker",))
+    config = _load(args.config, ("broker", "topology", "routes"))
+    routes = config.routes
+    if args.registration:
+        registrations = _load(args.config, ("broker", "registrations")).registrations
+        found = [r for r in registrations if r.name == args.registration]
+        if not found:
+            raise UsageError(f"no registration named {args.registration!r} in {args.config}")
+        routes = config.routes_for(found[0])
     try:
         raw = args.event.read_bytes()
     except OSError as exc:
@@ -318,17 +361,24 @@ def cmd_route(args: argparse.Namespace) -> int:
     if delivery.validation_url is not None:
         print(f"{args.event}: a validationUrl handshake: logged, answered 200, never published")
         return 0
-    router = Router(config.broker.exchange)
+    router = Router(routes, config.broker.unrouted_exchange)
     kind = "batch of" if delivery.batch else "single delivery,"
-    print(f"{args.event}: {kind} {len(delivery.events)} event(s)")
+    print(f"{args.event}: {kind} {len(delivery.events)} event(s), {len(routes)} rule(s)")
     for event in delivery.events:
+        decision = router.route(event, args.provider, args.registration or "default", explain=True)
         print(f"  event {event.event_id}")
         print(f"    envelope:   {event.envelope}")
         print(f"    event code: {event.event_code}")
         print(f"    job status: {event.job_status or '(none)'}  job id: {event.job_id or '(none)'}")
+        print(f"    IMS org:    {event.ims_org or '(none)'}")
         print(f"    recipients: {', '.join(event.recipients) or '(none: would be refused, 403)'}")
-        for target in router.route(event):
-            print(f"    → exchange {target.exchange}, routing key {target.routing_key}")
+        for reason in decision.reasons:
+            print(f"    {reason}")
+        for target in decision.targets:
+            extra = "".join(f", header {k}={v}" for k, v in target.headers)
+            print(f"    -> exchange {target.exchange}, routing key {target.routing_key}{extra}")
+        if decision.dropped:
+            print(f"    -> dropped by rule {decision.dropped_by}: accepted, never published")
     return 0
 
 

@@ -26,10 +26,19 @@ from typing import Any, TypeVar
 import yaml
 
 from bridge.errors import ConfigError
+from bridge.rules import (
+    Route,
+    Topology,
+    check_route_exchanges,
+    default_routes,
+    default_topology,
+    parse_routes,
+    parse_topology,
+)
+from bridge.yamldoc import Doc
 
 T = TypeVar("T")
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -64,6 +73,13 @@ class BrokerConfig:
     unrouted_queue: str = "adobe.unrouted"
 
 
+_DEFAULT_BROKER = BrokerConfig()
+_DEFAULT_TOPOLOGY = default_topology(
+    _DEFAULT_BROKER.exchange, _DEFAULT_BROKER.unrouted_exchange, _DEFAULT_BROKER.unrouted_queue
+)
+_DEFAULT_ROUTES = default_routes(_DEFAULT_BROKER.exchange)
+
+
 @dataclass(frozen=True)
 class VerificationConfig:
     enabled: bool = True
@@ -79,6 +95,7 @@ class Registration:
     path: str
     client_ids: tuple[str, ...]
     ims_orgs: tuple[str, ...] = ()  # empty: any org
+    routes: tuple[Route, ...] | None = None  # None: the shared top-level routes
 
 
 @dataclass(frozen=True)
@@ -101,147 +118,15 @@ class Config:
     registrations: tuple[Registration, ...] = ()
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    topology: Topology = field(default_factory=lambda: _DEFAULT_TOPOLOGY)
+    routes: tuple[Route, ...] = field(default_factory=lambda: _DEFAULT_ROUTES)
     source: str = "<config>"
 
-
-class _Doc:
-    """Walks the composed YAML tree, collecting problems instead of stopping at the first."""
-
-    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
-        self.source = source
-        self.environ = environ
-        self.problems: list[str] = []
-
-    def fail(self, path: str, node: yaml.Node | None, message: str) -> None:
-        where = f" ({self.source}:{node.start_mark.line + 1})" if node is not None else ""
-        self.problems.append(f"{path or '(top)'}: {message}{where}")
-
-    def mapping(self, node: yaml.Node | None, path: str, allowed: set[str]) -> _Section:
-        section = _Section(self, path, node)
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
-            return section
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(path, node, "expected a mapping of keys to values")
-            return section
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in allowed:
-                hint = ", ".join(sorted(allowed))
-                self.fail(sub, key_node, f"unknown key (allowed here: {hint})")
-            elif key in section.items:
-                self.fail(sub, key_node, "duplicate key")
-            else:
-                section.items[key] = value_node
-        return section
-
-    def scalar(self, node: yaml.Node, path: str) -> str | None:
-        if not isinstance(node, yaml.ScalarNode):
-            self.fail(path, node, "expected a single value, not a list or mapping")
-            return None
-        missing: list[str] = []
-
-        def replace(match: re.Match[str]) -> str:
-            if match.group(0) == "$$":
-                return "$"
-            name, default = match.group(1), match.group(2)
-            value = self.environ.get(name, "")
-            if value == "" and default is not None:
-                return default
-            if name not in self.environ:
-                missing.append(name)
-            return value
-
-        text = _VAR.sub(replace, node.value)
-        if missing:
-            self.fail(path, node, f"environment variable {missing[0]} is not set")
-            return None
-        return text
+    def routes_for(self, registration: Registration) -> tuple[Route, ...]:
+        return self.routes if registration.routes is None else registration.routes
 
 
-class _Section:
-    """One mapping of the YAML file, with typed getters that record problems."""
-
-    def __init__(self, doc: _Doc, path: str, node: yaml.Node | None) -> None:
-        self.doc, self.path, self.node = doc, path, node
-        self.items: dict[str, yaml.Node] = {}
-
-    def _sub(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, default: T, convert: Callable[[str], T], expected: str) -> T:
-        node = self.items.get(key)
-        if node is None:
-            return default
-        text = self.doc.scalar(node, self._sub(key))
-        if text is None:
-            return default
-        try:
-            return convert(text)
-        except (ValueError, TypeError, KeyError):
-            self.doc.fail(self._sub(key), node, f"expected {expected}, got {text!r}")
-            return default
-
-    def string(self, key: str, default: str, pattern: re.Pattern[str] | None = None) -> str:
-        def convert(text: str) -> str:
-            if not text.strip() or (pattern is not None and not pattern.match(text)):
-                raise ValueError
-            return text
-
-        expected = (
-            "a non-empty string" if pattern is None else f"a value matching {pattern.pattern}"
-        )
-        return self.get(key, default, convert, expected)
-
-    def number(self, key: str, default: float, low: float, high: float) -> float:
-        def convert(text: str) -> float:
-            value = float(text)
-            if not low <= value <= high:
-                raise ValueError
-            return value
-
-        return self.get(key, default, convert, f"a number from {low:g} to {high:g}")
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        def convert(text: str) -> int:
-            value = int(text.replace("_", ""))
-            if not low <= value <= high:
-                raise ValueError
-            return value
-
-        return self.get(key, default, convert, f"a whole number from {low} to {high}")
-
-    def boolean(self, key: str, default: bool) -> bool:
-        words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-        return self.get(key, default, lambda t: words[t.strip().lower()], "true or false")
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        def convert(text: str) -> str:
-            if text not in choices:
-                raise ValueError
-            return text
-
-        return self.get(key, default, convert, "one of " + ", ".join(choices))
-
-    def strings(self, key: str) -> tuple[str, ...] | None:
-        """A YAML list of strings, or one comma-separated string (handy from an env variable)."""
-        node = self.items.get(key)
-        if node is None:
-            return None
-        path = self._sub(key)
-        if isinstance(node, yaml.SequenceNode):
-            values: list[str | None] = [
-                self.doc.scalar(item, f"{path}[{i}]") for i, item in enumerate(node.value)
-            ]
-        else:
-            text = self.doc.scalar(node, path)
-            if text is None:
-                return None
-            values = list(text.split(","))
-        return tuple(v.strip() for v in values if v is not None and v.strip())
-
-
-def _server(doc: _Doc, node: yaml.Node | None) -> ServerConfig:
+def _server(doc: Doc, node: yaml.Node | None) -> ServerConfig:
     s = doc.mapping(
         node,
         "server",
@@ -265,7 +150,7 @@ def _server(doc: _Doc, node: yaml.Node | None) -> ServerConfig:
     return cfg
 
 
-def _broker(doc: _Doc, node: yaml.Node | None) -> BrokerConfig:
+def _broker(doc: Doc, node: yaml.Node | None) -> BrokerConfig:
     s = doc.mapping(
         node,
         "broker",
@@ -301,7 +186,7 @@ def _broker(doc: _Doc, node: yaml.Node | None) -> BrokerConfig:
     return cfg
 
 
-def _verification(doc: _Doc, node: yaml.Node | None) -> VerificationConfig:
+def _verification(doc: Doc, node: yaml.Node | None) -> VerificationConfig:
     s = doc.mapping(
         node,
         "verification",
@@ -338,7 +223,7 @@ def _amqp_url(text: str) -> str:
     return text
 
 
-def _registrations(doc: _Doc, node: yaml.Node | None) -> tuple[Registration, ...]:
+def _registrations(doc: Doc, node: yaml.Node | None) -> tuple[Registration, ...]:
     if node is None:
         doc.fail("registrations", None, "at least one registration is required")
         return ()
@@ -348,7 +233,7 @@ def _registrations(doc: _Doc, node: yaml.Node | None) -> tuple[Registration, ...
     result: list[Registration] = []
     for i, item in enumerate(node.value):
         path = f"registrations[{i}]"
-        s = doc.mapping(item, path, {"name", "path", "client_ids", "ims_orgs"})
+        s = doc.mapping(item, path, {"name", "path", "client_ids", "ims_orgs", "routes"})
         name = s.string("name", f"registration-{i}", _NAME)
         url_path = s.string("path", "/webhook", _PATH)
         if url_path in _RESERVED_PATHS:
@@ -358,7 +243,10 @@ def _registrations(doc: _Doc, node: yaml.Node | None) -> tuple[Registration, ...
             doc.fail(f"{path}.client_ids", item, "required: the client ids accepted as recipient")
         elif client_ids is not None and not client_ids:
             doc.fail(f"{path}.client_ids", s.items["client_ids"], "must name at least one id")
-        result.append(Registration(name, url_path, client_ids or (), s.strings("ims_orgs") or ()))
+        routes = parse_routes(doc, s.items.get("routes"), f"{path}.routes")
+        result.append(
+            Registration(name, url_path, client_ids or (), s.strings("ims_orgs") or (), routes)
+        )
     for field_name in ("name", "path"):
         seen: set[str] = set()
         for i, reg in enumerate(result):
@@ -369,14 +257,14 @@ def _registrations(doc: _Doc, node: yaml.Node | None) -> tuple[Registration, ...
     return tuple(result)
 
 
-def _outbox(doc: _Doc, node: yaml.Node | None) -> OutboxConfig:
+def _outbox(doc: Doc, node: yaml.Node | None) -> OutboxConfig:
     s = doc.mapping(node, "outbox", {"dir", "mode"})
     d = OutboxConfig()
     # Only "off" exists so far: a broker that cannot take an event gets a 503 and Adobe retries.
     return OutboxConfig(dir=s.string("dir", d.dir), mode=s.choice("mode", d.mode, ("off",)))
 
 
-def _logging(doc: _Doc, node: yaml.Node | None) -> LoggingConfig:
+def _logging(doc: Doc, node: yaml.Node | None) -> LoggingConfig:
     s = doc.mapping(node, "logging", {"format", "level"})
     d = LoggingConfig()
     return LoggingConfig(
@@ -385,7 +273,7 @@ def _logging(doc: _Doc, node: yaml.Node | None) -> LoggingConfig:
     )
 
 
-_SECTIONS: dict[str, Callable[[_Doc, yaml.Node | None], Any]] = {
+_SECTIONS: dict[str, Callable[[Doc, yaml.Node | None], Any]] = {
     "server": _server,
     "broker": _broker,
     "verification": _verification,
@@ -395,17 +283,20 @@ _SECTIONS: dict[str, Callable[[_Doc, yaml.Node | None], Any]] = {
 }
 
 
+ALL_SECTIONS = (*_SECTIONS, "topology", "routes")
+
+
 def parse_config(
     text: str,
     source: str = "<config>",
     environ: Mapping[str, str] | None = None,
-    sections: tuple[str, ...] = tuple(_SECTIONS),
+    sections: tuple[str, ...] = ALL_SECTIONS,
 ) -> Config:
     """Parse YAML text into a :class:`Config`, reading only ``sections`` (the rest keep defaults).
 
     Raises :class:`ConfigError` listing every problem found.
     """
-    doc = _Doc(source, os.environ if environ is None else environ)
+    doc = Doc(source, os.environ if environ is None else environ)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -413,20 +304,49 @@ def parse_config(
         where = f" ({source}:{mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"(top): not valid YAML: {problem}{where}"]) from None
-    top = doc.mapping(root, "", set(_SECTIONS))
+    top = doc.mapping(root, "", {*_SECTIONS, "topology", "routes"})
     values: dict[str, Any] = {}
     for name in sections:
-        parse = _SECTIONS[name]
-        values[name] = parse(doc, top.items.get(name))
+        if name in _SECTIONS:
+            values[name] = _SECTIONS[name](doc, top.items.get(name))
+    broker: BrokerConfig = values.get("broker", BrokerConfig())
+    if "topology" in sections:
+        values["topology"] = parse_topology(
+            doc,
+            top.items.get("topology"),
+            default_topology(broker.exchange, broker.unrouted_exchange, broker.unrouted_queue),
+        )
+    if "routes" in sections:
+        routes = parse_routes(doc, top.items.get("routes"), "routes")
+        values["routes"] = default_routes(broker.exchange) if routes is None else routes
+    _check_exchanges(doc, values, broker)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Config(source=source, **values)
 
 
+def _check_exchanges(doc: Doc, values: dict[str, Any], broker: BrokerConfig) -> None:
+    topology: Topology | None = values.get("topology")
+    if topology is None or topology.passive:  # passive: the broker holds what we do not declare
+        return
+    check_route_exchanges(
+        doc, values.get("routes", ()), "routes", topology, broker.unrouted_exchange
+    )
+    for i, registration in enumerate(values.get("registrations", ())):
+        if registration.routes is not None:
+            check_route_exchanges(
+                doc,
+                registration.routes,
+                f"registrations[{i}].routes",
+                topology,
+                broker.unrouted_exchange,
+            )
+
+
 def load_config(
     path: str | Path,
     environ: Mapping[str, str] | None = None,
-    sections: tuple[str, ...] = tuple(_SECTIONS),
+    sections: tuple[str, ...] = ALL_SECTIONS,
 ) -> Config:
     """Read and parse a config file; a missing or unreadable file is a :class:`ConfigError`."""
     file = Path(path)

@@ -93,6 +93,7 @@ def build_message(event: Event, target: Target, context: RequestContext) -> Outb
     if event.ims_org is not None:
         headers["ims-org-id"] = event.ims_org
     headers.update(context.copied)
+    headers.update(target.headers)  # a rule's extra headers
     return Outbound(
         exchange=target.exchange,
         routing_key=target.routing_key,

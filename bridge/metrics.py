@@ -29,6 +29,12 @@ EVENTS_PUBLISHED = Counter(
     ["event_code", "job_status"],
     registry=REGISTRY,
 )
+EVENTS_DROPPED = Counter(
+    "bridge_events_dropped",
+    "Events a drop rule took: accepted and never published, by rule.",
+    ["rule"],
+    registry=REGISTRY,
+)
 PUBLISH_FAILURES = Counter(
     "bridge_publish_failures",
     "Publishes that were not confirmed, by reason.",

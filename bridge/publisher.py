@@ -46,6 +46,7 @@ from bridge import metrics
 from bridge.config import BrokerConfig
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
+from bridge.rules import Topology
 
 log = structlog.get_logger("bridge.publisher")
 
@@ -75,28 +76,72 @@ def redacted(url: str) -> str:
     return str(parsed.with_password("***")) if parsed.password else str(parsed)
 
 
-async def declare_topology(channel: aio_pika.abc.AbstractChannel, config: BrokerConfig) -> None:
-    """Declare the shipped exchanges and the unrouted queue; idempotent."""
-    unrouted = await channel.declare_exchange(
-        config.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    queue = await channel.declare_queue(
-        config.unrouted_queue, durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    await queue.bind(unrouted)
-    await channel.declare_exchange(
-        config.exchange,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": config.unrouted_exchange},
-    )
+class TopologyMissing(Exception):
+    """``topology.passive`` is set and the broker lacks something the topology names."""
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
+    """Declare every exchange, queue and binding of ``topology``; idempotent.
+
+    A declaration that differs from what exists (another type or arguments) fails with the
+    broker's PRECONDITION_FAILED, which names the entity: nothing is changed silently.
+    """
+    for spec in topology.exchanges:
+        await channel.declare_exchange(
+            spec.name,
+            aio_pika.ExchangeType(spec.type),
+            durable=spec.durable,
+            auto_delete=spec.auto_delete,
+            internal=spec.internal,
+            arguments=spec.declare_arguments(),
+        )
+    for queue in topology.queues:
+        await channel.declare_queue(
+            queue.name, durable=queue.durable, arguments=queue.declare_arguments()
+        )
+    for binding in topology.bindings:
+        bound = await channel.get_queue(binding.queue, ensure=False)
+        await bound.bind(
+            binding.exchange,
+            routing_key=binding.routing_key,
+            arguments=dict(binding.arguments) or None,
+        )
+
+
+async def check_topology(
+    connection: aio_pika.abc.AbstractConnection, topology: Topology
+) -> list[str]:
+    """With ``passive: true``: what the topology names that the broker does not have."""
+    missing: list[str] = []
+    wanted = [("exchange", e.name) for e in topology.exchanges] + [
+        ("queue", q.name) for q in topology.queues
+    ]
+    for kind, name in wanted:
+        channel = await connection.channel()  # a 404 closes the channel: one per check
+        try:
+            if kind == "exchange":
+                await channel.declare_exchange(name, passive=True)
+            else:
+                await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            missing.append(f"{kind} {name!r}")
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+    return missing
 
 
 class AmqpPublisher:
     """Publishes with confirms over one supervised connection; see the module docstring."""
 
-    def __init__(self, config: BrokerConfig, connection_name: str = "events-bridge") -> None:
+    def __init__(
+        self, config: BrokerConfig, topology: Topology, connection_name: str = "events-bridge"
+    ) -> None:
         self._config = config
+        self._topology = topology
+        self._checked_once = False
+        # Set when the topology is passive and missing at start-up: `serve` stops on it.
+        self.fatal: asyncio.Future[str] | None = None
         self._url = broker_url(config)
         self._name = connection_name
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -114,6 +159,7 @@ class AmqpPublisher:
 
     async def start(self) -> None:
         """Start connecting in the background; returns at once."""
+        self.fatal = asyncio.get_running_loop().create_future()
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
 
     async def wait_ready(self, seconds: float) -> bool:
@@ -132,6 +178,24 @@ class AmqpPublisher:
                 await self._supervisor
             self._supervisor = None
         await self._drop()
+
+    async def apply_topology(self, topology: Topology) -> None:
+        """Adopt a new topology (config reload): declare it now on a channel of its own, so a
+        failure leaves the publish channel untouched, and on every reconnect from then on."""
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            channel = await connection.channel()
+            try:
+                if topology.passive:
+                    missing = await check_topology(connection, topology)
+                    if missing:
+                        raise TopologyMissing(", ".join(missing) + " missing on the broker")
+                else:
+                    await declare_topology(channel, topology)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        self._topology = topology
 
     async def _supervise(self) -> None:
         delay = FIRST_RETRY_DELAY
@@ -167,13 +231,19 @@ class AmqpPublisher:
         self._connection = connection
         connection.close_callbacks.add(self._on_close)
         async with asyncio.timeout(self._config.connect_timeout * 2):
+            if self._topology.passive:
+                missing = await check_topology(connection, self._topology)
+                if missing:
+                    message = ", ".join(missing) + " missing on the broker (topology.passive)"
+                    if not self._checked_once and self.fatal and not self.fatal.done():
+                        self.fatal.set_result(message)
+                    raise TopologyMissing(message)
+            self._checked_once = True
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(self._on_close)
-            await declare_topology(channel, self._config)
-            self._exchanges = {
-                name: await channel.get_exchange(name, ensure=False)
-                for name in (self._config.exchange, self._config.unrouted_exchange)
-            }
+            if not self._topology.passive:
+                await declare_topology(channel, self._topology)
+            self._exchanges = {}
         self._channel = channel
         metrics.BROKER_CONNECTS.labels("connected").inc()
         metrics.BROKER_READY.set(1)
@@ -223,6 +293,7 @@ class AmqpPublisher:
             raise BrokerUnavailable("not_connected", "broker connection is not ready")
         if exchange is None:
             exchange = await channel.get_exchange(out.exchange, ensure=False)
+            self._exchanges[out.exchange] = exchange
         message = aio_pika.Message(
             body=out.body,
             content_type=out.content_type,
@@ -249,7 +320,9 @@ class AmqpPublisher:
             # Our exchanges have an alternate exchange, so a return means the topology is broken
             # (the unrouted exchange or queue was deleted): reconnect, which declares it again.
             reason, detail = "returned", "broker returned the message as unroutable"
-            if out.exchange in (self._config.exchange, self._config.unrouted_exchange):
+            if any(
+                out.exchange == e.name and e.alternate_exchange for e in self._topology.exchanges
+            ):
                 log.warning("topology_broken", exchange=out.exchange, action="redeclaring")
                 self._lost.set()
         except DeliveryError:

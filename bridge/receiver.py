@@ -17,6 +17,7 @@ JSON itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -118,35 +119,70 @@ async def answer_middleware(
     return response
 
 
-@dataclass
+@dataclass(frozen=True)
+class Rules:
+    """What a configuration reload may change, swapped in as one value: each registration's
+    client ids, IMS orgs and compiled routes. A request uses the one it started with."""
+
+    registrations: dict[str, Registration]
+    routers: dict[str, Router]
+
+    @classmethod
+    def build(cls, config: Config) -> Rules:
+        return cls(
+            {r.name: r for r in config.registrations},
+            {
+                r.name: Router(config.routes_for(r), config.broker.unrouted_exchange)
+                for r in config.registrations
+            },
+        )
+
+
 class Receiver:
     """The webhook and challenge handlers of every registration."""
 
-    config: Config
-    verifier: Verifier
-    publisher: Publisher
-    router: Router
-    in_flight: int = 0
+    def __init__(self, config: Config, verifier: Verifier, publisher: Publisher) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.publisher = publisher
+        self.rules = Rules.build(config)
+        self.in_flight = 0
 
     def add_routes(self, app: web.Application) -> None:
         for registration in self.config.registrations:
-            app.router.add_post(registration.path, partial(self.webhook, registration=registration))
-            app.router.add_get(
-                registration.path, partial(self.challenge, registration=registration)
-            )
+            app.router.add_post(registration.path, partial(self.webhook, name=registration.name))
+            app.router.add_get(registration.path, partial(self.challenge, name=registration.name))
 
-    async def challenge(self, request: web.Request, registration: Registration) -> web.Response:
+    def reload(self, config: Config) -> list[str]:
+        """Adopt ``config``'s rules; returns what could not be applied without a restart."""
+        notes: list[str] = []
+        paths = {r.name: r.path for r in self.config.registrations}
+        kept = [r for r in config.registrations if paths.get(r.name) == r.path]
+        if len(kept) != len(config.registrations) or len(kept) != len(paths):
+            notes.append("registrations added, removed or moved to another path: restart")
+        merged = {r.name: r for r in self.config.registrations} | {r.name: r for r in kept}
+        for name in ("server", "broker", "verification", "outbox", "logging"):
+            if getattr(config, name) != getattr(self.config, name):
+                notes.append(f"{name} settings changed: restart to apply them")
+        self.rules = Rules.build(
+            dataclasses.replace(config, registrations=tuple(merged[n] for n in paths))
+        )
+        return notes
+
+    async def challenge(self, request: web.Request, name: str) -> web.Response:
         value = request.query.get("challenge")
         if value is None:
             raise BadRequest("no_challenge", "GET expects ?challenge=<value>")
         if not CHALLENGE.fullmatch(value):
             raise BadRequest("bad_challenge", "challenge must be 1-256 URL-safe characters")
-        log.info("challenge_answered", registration=registration.name, challenge=value)
+        log.info("challenge_answered", registration=name, challenge=value)
         return json_response(200, {"challenge": value})
 
-    async def webhook(self, request: web.Request, registration: Registration) -> web.Response:
+    async def webhook(self, request: web.Request, name: str) -> web.Response:
+        rules = self.rules
+        registration, router = rules.registrations[name], rules.routers[name]
         fields = request[LOG_FIELDS]
-        fields["registration"] = registration.name
+        fields["registration"] = name
         headers = request.headers
         delivery_id = header_text(headers, "x-adobe-delivery-id", 128)
         if delivery_id is not None:
@@ -159,7 +195,7 @@ class Receiver:
             body = await self._receive(request, deadline)
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await self._process(request, registration, body, fields)
+                    return await self._process(request, registration, router, body, fields)
             except TimeoutError:
                 raise Unavailable(
                     "deadline", "could not finish within the answer deadline"
@@ -191,6 +227,7 @@ class Receiver:
         self,
         request: web.Request,
         registration: Registration,
+        router: Router,
         body: bytes,
         fields: dict[str, Any],
     ) -> web.Response:
@@ -212,17 +249,36 @@ class Receiver:
         _describe(delivery, fields)
         _authorize(delivery, registration)
         context = RequestContext.from_headers(registration.name, datetime.now(UTC), headers)
+        provider = context.copied.get("adobe-provider")
+        decisions = [(e, router.route(e, provider, registration.name)) for e in delivery.events]
         messages = [
             build_message(event, target, context)
-            for event in delivery.events
-            for target in self.router.route(event)
+            for event, decision in decisions
+            for target in decision.targets
         ]
         fields["routing_key"] = _one_or_list([m.routing_key for m in messages])
-        await self.publisher.publish(messages)
-        for event in delivery.events:
-            metrics.EVENTS_PUBLISHED.labels(event.event_code, event.job_status or "none").inc()
-        fields["outcome"] = "published"
-        return json_response(200, {"status": "published", "events": len(delivery.events)})
+        if messages:
+            await self.publisher.publish(messages)
+        for event, decision in decisions:
+            if decision.dropped:
+                metrics.EVENTS_DROPPED.labels(decision.dropped_by or "").inc()
+                log.info(
+                    "event_dropped",
+                    event_id=event.event_id,
+                    rule=decision.dropped_by,
+                    registration=registration.name,
+                )
+            else:
+                metrics.EVENTS_PUBLISHED.labels(event.event_code, event.job_status or "none").inc()
+        fields["outcome"] = "dropped" if not messages else "published"
+        return json_response(
+            200,
+            {
+                "status": fields["outcome"],
+                "events": len(delivery.events),
+                "messages": len(messages),
+            },
+        )
 
     def _validation(
         self, registration: Registration, delivery: Delivery, fields: dict[str, Any]

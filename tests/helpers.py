@@ -21,6 +21,7 @@ from bridge.config import (
     VerificationConfig,
 )
 from bridge.errors import BrokerUnavailable
+from bridge.rules import default_routes, default_topology
 from bridge.message import Outbound
 
 SAMPLES = Path(__file__).parent / "data" / "adobe-samples"
@@ -39,6 +40,7 @@ def make_config(
 ) -> Config:
     """A config for tests; ``names`` prefixes the exchanges and queue so tests never share."""
     prefix = names or f"test.{uuid.uuid4().hex[:10]}"
+    exchange, unrouted = f"{prefix}.events", f"{prefix}.unrouted"
     return Config(
         server=dataclasses.replace(ServerConfig(port=0), **server),
         broker=BrokerConfig(
@@ -53,6 +55,8 @@ def make_config(
         ),
         verification=VerificationConfig(key_base_url=key_base_url, key_fetch_timeout=1.0),
         registrations=(Registration("default", "/webhook", tuple(client_ids)),),
+        topology=default_topology(exchange, unrouted, unrouted),
+        routes=default_routes(exchange),
     )
 
 

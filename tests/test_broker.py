@@ -209,7 +209,7 @@ def outbound(exchange: str, message_id: str = "m1") -> Outbound:
 @pytest.fixture
 async def publisher(amqp_url: str) -> AsyncIterator[AmqpPublisher]:
     config = make_config(amqp_url=amqp_url)
-    publisher = AmqpPublisher(config.broker)
+    publisher = AmqpPublisher(config.broker, config.topology)
     await publisher.start()
     assert await publisher.wait_ready(10)
     yield publisher

@@ -108,7 +108,7 @@ async def test_signed_event_is_published_with_spec_properties(bridge: Bridge) ->
         body, **{"x-adobe-provider": "p", "x-adobe-retry-count": "2", "traceparent": "00-ab-cd-01"}
     )
     assert response.status == 200
-    assert await response.json() == {"status": "published", "events": 1}
+    assert await response.json() == {"status": "published", "events": 1, "messages": 1}
     (message,) = bridge.publisher.published
     assert message.routing_key == "lightroom-job-status.succeeded"
     assert message.body == body
