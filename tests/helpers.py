@@ -21,8 +21,8 @@ from bridge.config import (
     VerificationConfig,
 )
 from bridge.errors import BrokerUnavailable
-from bridge.rules import default_routes, default_topology
 from bridge.message import Outbound
+from bridge.rules import default_routes, default_topology
 
 SAMPLES = Path(__file__).parent / "data" / "adobe-samples"
 EVENTS = SAMPLES / "events"

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,30 +20,10 @@ from aiohttp import web
 from bridge.config import BrokerConfig
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, KEY_PATH, SigningKey, key_folder
+from tests.processes import Daemon, cli, free_port
 
 SHIPPED = ROOT / "config" / "bridge.yaml"
 LIGHTROOM = EVENTS / "imaging_lightroom-job-status_succeeded.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=ROOT,
-        check=False,
-    )
 
 
 def test_every_command_has_help() -> None:
@@ -176,45 +155,6 @@ def isolated_config(tmp_path: Path, forget: list[BrokerConfig] | None = None) ->
     path = tmp_path / "bridge.yaml"
     path.write_text(text)
     return path
-
-
-class Daemon:
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.env = env
-        self.url = f"http://127.0.0.1:{env['BRIDGE_PORT']}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def wait_ready(self, seconds: float = 20) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.communicate()[1]
-            try:
-                with socket.create_connection(("127.0.0.1", int(self.env["BRIDGE_PORT"])), 1):
-                    pass
-                import urllib.request
-
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("daemon not ready")
-
-    def stop(self) -> tuple[int, list[dict[str, Any]]]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        _, stderr = self.process.communicate(timeout=30)
-        lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-        assert "Traceback" not in stderr, stderr
-        return self.process.returncode, lines
 
 
 @pytest.fixture

@@ -1,0 +1,294 @@
+"""A small helper for consumers of events-bridge messages: decode, ack, retry, dead-letter.
+
+Nothing here is needed to consume: the message contract (README, "What is published") is enough,
+and ``deploy/examples/node`` consumes with plain amqplib. This helper only saves Python consumers
+the usual code::
+
+    async def handle(event: ReceivedEvent) -> None:
+        if event.job and event.job.status == "failed":
+            ...  # raise to retry later; raise PermanentFailure to dead-letter at once
+
+    consumer = Consumer("amqp://…", "imaging.jobs", handle, max_attempts=3, retry_delay=30)
+    await consumer.run()  # until stop() or cancellation
+
+What it does with each message (``prefetch`` at a time):
+
+- decodes it into a :class:`ReceivedEvent` (a job-status event gets a :class:`JobStatus` with its
+  job id, status and outputs, each output with its errors as Adobe gave them);
+- skips an event id it already handled within a bounded window (count and seconds): Adobe
+  delivers at least once, and so does the bridge;
+- acks after the handler returns;
+- when the handler raises, publishes a copy (with confirms) to ``<queue>.retry``, a queue whose
+  message TTL is ``retry_delay`` and whose dead-letter target is the work queue again, then acks:
+  the event comes back after the delay, with ``x-bridge-attempt`` counting the attempts;
+- after ``max_attempts`` (or on :class:`PermanentFailure`, or a message it cannot decode)
+  rejects it without requeue, so the broker dead-letters it through the work queue's own
+  ``x-dead-letter-exchange`` (declare it in the topology) with an ``x-death`` history.
+
+The work queue must exist (the bridge's topology declares it); the helper declares only its retry
+queue. Does not: publish events, or know anything of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import structlog
+
+from bridge.adobe.envelope import parse_delivery
+from bridge.adobe.jobstatus import job_id, job_status
+from bridge.errors import BadRequest
+
+log = structlog.get_logger("bridge.consumer")
+
+ATTEMPT_HEADER = "x-bridge-attempt"
+_ERROR_FIELDS = ("errors", "error", "errorDetails", "details")
+
+
+class PermanentFailure(Exception):
+    """Raise from a handler to dead-letter the event now, without retries."""
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    status: str | None
+    input: str | None
+    errors: Any  # as Adobe gave them: errors, error, errorDetails or details; None if none
+    document: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str | None
+    status: str | None  # the bridge's aggregate: succeeded, failed, running, pending, ...
+    outputs: tuple[JobOutput, ...]
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    event_id: str
+    event_code: str
+    routing_key: str
+    body: bytes
+    document: dict[str, Any]
+    headers: dict[str, Any]
+    attempt: int  # 1 for the first delivery to the handler, 2 after one retry, ...
+    job: JobStatus | None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _job(document: dict[str, Any], envelope: str, headers: dict[str, Any]) -> JobStatus | None:
+    if envelope == "cloudevents":
+        payload = document.get("data")
+    else:
+        inner = document.get("event")
+        payload = inner.get("body") if isinstance(inner, dict) else None
+    status = _text(headers.get("job-status")) or job_status(payload)
+    if status is None or not isinstance(payload, dict):
+        return None
+    outputs = tuple(
+        JobOutput(
+            status=_text(o.get("status")),
+            input=_text(o.get("input")),
+            errors=next((o[f] for f in _ERROR_FIELDS if o.get(f) is not None), None),
+            document=o,
+        )
+        for o in payload.get("outputs") or []
+        if isinstance(o, dict)
+    )
+    return JobStatus(_text(headers.get("job-id")) or job_id(payload), status, outputs)
+
+
+def decode(message: aio_pika.abc.AbstractIncomingMessage) -> ReceivedEvent:
+    """Turn a message the bridge published into a :class:`ReceivedEvent`.
+
+    Raises :class:`ValueError` for a body that is not one event.
+    """
+    headers = dict(message.headers or {})
+    try:
+        delivery = parse_delivery(
+            message.body,
+            message.message_id or _text(headers.get("event-id")),
+            message.type or _text(headers.get("event-code")),
+        )
+    except BadRequest as exc:
+        raise ValueError(exc.detail) from None
+    if len(delivery.events) != 1:
+        raise ValueError("the body is not one event")
+    event = delivery.events[0]
+    attempt = headers.get(ATTEMPT_HEADER, 1)
+    return ReceivedEvent(
+        event_id=message.message_id or event.event_id,
+        event_code=message.type or event.event_code,
+        routing_key=message.routing_key or "",
+        body=message.body,
+        document=event.document,
+        headers=headers,
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+        job=_job(event.document, event.envelope, headers),
+    )
+
+
+class _Seen:
+    """Event ids handled lately, bounded by count and age."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        self.size, self.seconds = size, seconds
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, event_id: object) -> bool:
+        now = time.monotonic()
+        while self._ids and next(iter(self._ids.values())) < now - self.seconds:
+            self._ids.popitem(last=False)
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = time.monotonic()
+        self._ids.move_to_end(event_id)
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+
+Handler = Callable[[ReceivedEvent], Awaitable[None]]
+
+
+class Consumer:
+    """Consume one queue with retries, dead-lettering and deduplication (module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        handler: Handler,
+        *,
+        prefetch: int = 16,
+        max_attempts: int = 3,
+        retry_delay: float = 5.0,
+        dedup_size: int = 10_000,
+        dedup_seconds: float = 3600.0,
+    ) -> None:
+        if max_attempts < 1 or prefetch < 1 or retry_delay < 0:
+            raise ValueError("max_attempts and prefetch must be >= 1, retry_delay >= 0")
+        self.url, self.queue_name, self.handler = url, queue, handler
+        self.prefetch, self.max_attempts, self.retry_delay = prefetch, max_attempts, retry_delay
+        self.retry_queue_name = f"{queue}.retry"
+        self.seen = _Seen(dedup_size, dedup_seconds)
+        self.counts = {"handled": 0, "retried": 0, "dead_lettered": 0, "duplicates": 0}
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect, declare the retry queue, and start consuming (returns once consuming)."""
+        self._connection = await aio_pika.connect_robust(
+            self.url, client_properties={"connection_name": f"consumer {self.queue_name}"}
+        )
+        channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.prefetch)
+        await channel.declare_queue(
+            self.retry_queue_name,
+            durable=True,
+            arguments={
+                "x-message-ttl": int(self.retry_delay * 1000),
+                "x-dead-letter-exchange": "",  # the default exchange: straight back to the queue
+                "x-dead-letter-routing-key": self.queue_name,
+            },
+        )
+        queue = await channel.get_queue(self.queue_name, ensure=True)
+        await queue.consume(self._on_message)
+        self._channel = channel
+
+    async def run(self) -> None:
+        """Start, then consume until :meth:`stop` (or cancellation)."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            event = decode(message)
+        except ValueError as exc:
+            log.warning("message_undecodable", message_id=message.message_id, error=str(exc))
+            await self._dead_letter(message)
+            return
+        if event.event_id in self.seen:
+            self.counts["duplicates"] += 1
+            await message.ack()
+            return
+        try:
+            await self.handler(event)
+        except asyncio.CancelledError:
+            raise
+        except PermanentFailure as exc:
+            log.warning("event_failed_permanently", event_id=event.event_id, error=str(exc))
+            await self._dead_letter(message)
+            return
+        except Exception as exc:  # noqa: BLE001 - any handler failure means: retry, then dead-letter
+            await self._failed(message, event, exc)
+            return
+        self.seen.add(event.event_id)
+        self.counts["handled"] += 1
+        await message.ack()
+
+    async def _failed(
+        self, message: aio_pika.abc.AbstractIncomingMessage, event: ReceivedEvent, exc: Exception
+    ) -> None:
+        if event.attempt >= self.max_attempts or self._channel is None:
+            log.warning(
+                "event_dead_lettered",
+                event_id=event.event_id,
+                attempts=event.attempt,
+                error=repr(exc),
+            )
+            await self._dead_letter(message)
+            return
+        log.info(
+            "event_retry_scheduled",
+            event_id=event.event_id,
+            attempt=event.attempt,
+            retry_in=self.retry_delay,
+            error=repr(exc),
+        )
+        headers = {**event.headers, ATTEMPT_HEADER: event.attempt + 1}
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+            timestamp=message.timestamp,
+            app_id=message.app_id,
+        )
+        # Confirmed before the ack: a crash in between redelivers, it never loses the event.
+        await self._channel.default_exchange.publish(copy, self.retry_queue_name)
+        self.counts["retried"] += 1
+        await message.ack()
+
+    async def _dead_letter(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.counts["dead_lettered"] += 1
+        await message.reject(requeue=False)

@@ -1,0 +1,95 @@
+"""Real processes for tests: the CLI, and a daemon whose log goes to a file (never a full pipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+class Daemon:
+    """``events-bridge serve`` in a subprocess; JSON logs collected in a file."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.env = env
+        self.config = config
+        self.url = f"http://127.0.0.1:{env['BRIDGE_PORT']}"
+        self.log_file = Path(tempfile.mkstemp(prefix="bridge-", suffix=".log")[1])
+        with self.log_file.open("w") as sink:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                text=True,
+            )
+
+    def wait_ready(self, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_file.read_text()
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("daemon not ready")
+
+    def logs(self) -> list[dict[str, Any]]:
+        text = self.log_file.read_text()
+        assert "Traceback" not in text, text
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    def wait_log(self, event: str, seconds: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = [line for line in self.logs() if line["event"] == event]
+            if found:
+                return found[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} in the daemon's log")
+
+    def stop(self) -> tuple[int, list[dict[str, Any]]]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+        return self.process.returncode, self.logs()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
