@@ -178,6 +178,8 @@ class AmqpPublisher:
                 await self._supervisor
             self._supervisor = None
         await self._drop()
+        if self._closing:  # closes still under way: let them end before the loop goes away
+            await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT)
 
     async def apply_topology(self, topology: Topology) -> None:
         """Adopt a new topology (config reload): declare it now on a channel of its own, so a
