@@ -170,7 +170,7 @@ async def test_a_failing_consumer_lands_the_event_in_the_dead_letter_queue(
     assert message.headers[ATTEMPT_HEADER] == 3
     deaths = message.headers["x-death"]
     assert isinstance(deaths, list)
-    history = {(d["queue"], d["reason"]): d["count"] for d in deaths}  # type: ignore[index]
+    history = {(d["queue"], d["reason"]): d["count"] for d in deaths if isinstance(d, dict)}
     assert history[(f"{prefix}.jobs", "rejected")] == 1
     assert history[(f"{prefix}.jobs.retry", "expired")] == 2
     assert consumer.counts == {"handled": 0, "retried": 2, "dead_lettered": 1, "duplicates": 0}
