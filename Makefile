@@ -58,8 +58,8 @@ test: install broker  ## run the whole test suite against a real broker
 	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
 
 lint:  ## ruff
-	$(BIN)/ruff check bridge tests
-	$(BIN)/ruff format --check bridge tests
+	$(BIN)/ruff check bridge tests deploy/examples/python
+	$(BIN)/ruff format --check bridge tests deploy/examples/python
 
 typecheck:  ## mypy --strict
 	$(BIN)/mypy

@@ -207,3 +207,22 @@ def test_file_root_key_base_url_stays_a_file_url() -> None:
     assert config.verification.key_base_url == "file:///"
     config = parse_config("verification:\n  key_base_url: file:///k/\n" + MINIMAL, "t.yaml", {})
     assert config.verification.key_base_url == "file:///k"
+
+
+def test_shipped_routes_and_topology_keep_the_spec_default() -> None:
+    from bridge.rules import default_routes, default_topology
+
+    config = load_config(SHIPPED, ENV)
+    assert config.routes == default_routes("adobe.events")
+    shipped, default = config.topology, default_topology(
+        "adobe.events", "adobe.unrouted", "adobe.unrouted"
+    )
+    assert set(shipped.exchanges) == set(default.exchanges)
+    assert shipped.queues == default.queues
+    assert shipped.bindings == default.bindings
+
+
+@pytest.mark.parametrize("path", sorted((SHIPPED.parent).rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_in_the_repo_is_valid(path: Path) -> None:
+    config = load_config(path, ENV)
+    assert config.registrations

@@ -1,0 +1,67 @@
+"""Example consumer with the bridge's helper: react to failed Lightroom and Photoshop jobs.
+
+    python deploy/examples/python/consumer.py            # needs `make run` (or a broker) first
+
+It declares its own work queue `examples.failed-jobs` (quorum, dead letters to
+`examples.failed-jobs.dead`), binds it to `adobe.events` with `*.failed`, and handles each event
+with retries: a handler that raises is retried after 10 s, three times, then dead-lettered.
+In production, declare the queue in the bridge's `topology:` instead and keep only the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aio_pika
+
+from bridge.consumer import Consumer, PermanentFailure, ReceivedEvent
+
+URL = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+QUEUE = "examples.failed-jobs"
+
+
+async def handle(event: ReceivedEvent) -> None:
+    if event.job is None:
+        raise PermanentFailure(f"{event.event_code} is not a job-status event")
+    print(
+        f"job {event.job.job_id} {event.job.status} ({event.event_code}, attempt {event.attempt})"
+    )
+    for output in event.job.outputs:
+        if output.status == "failed":
+            print(f"  {output.input or '(no input)'}: {output.errors}")
+
+
+async def declare() -> None:
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_exchange(
+            f"{QUEUE}.dlx", aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(
+            f"{QUEUE}.dead", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dead_queue.bind(dead)
+        queue = await channel.declare_queue(
+            QUEUE,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": f"{QUEUE}.dlx"},
+        )
+        await queue.bind("adobe.events", routing_key="*.failed")
+
+
+async def main() -> None:
+    await declare()
+    consumer = Consumer(URL, QUEUE, handle, prefetch=16, max_attempts=3, retry_delay=10)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, consumer.stop)
+    print(f"consuming {QUEUE} (bound to adobe.events with '*.failed'); Ctrl-C stops")
+    await consumer.run()
+    print(f"stopped: {consumer.counts}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
