@@ -321,7 +321,7 @@ def test_declare_creates_the_topology(tmp_path: Path, amqp_url: str) -> None:
     result = cli("declare", "--config", str(config), env={"BRIDGE_AMQP_URL": amqp_url})
     assert result.returncode == 0, result.stderr
     assert "declared exchange cli." in result.stdout
-    prefix = result.stdout.split("declared exchange ")[1].split(".unrouted")[0]
+    prefix = result.stdout.split("declared queue ")[1].split(".unrouted")[0]
     assert (
         f"declared exchange {prefix}.events (topic, alternate exchange {prefix}.unrouted)"
         in result.stdout

@@ -214,8 +214,9 @@ def test_shipped_routes_and_topology_keep_the_spec_default() -> None:
 
     config = load_config(SHIPPED, ENV)
     assert config.routes == default_routes("adobe.events")
-    shipped, default = config.topology, default_topology(
-        "adobe.events", "adobe.unrouted", "adobe.unrouted"
+    shipped, default = (
+        config.topology,
+        default_topology("adobe.events", "adobe.unrouted", "adobe.unrouted"),
     )
     assert set(shipped.exchanges) == set(default.exchanges)
     assert shipped.queues == default.queues
