@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.app import create_app
 from bridge.config import Config, Registration
 from bridge.message import Outbound
+from bridge.rules import Match
 from tests.helpers import (
     CLIENT_ID,
     EVENTS,
@@ -448,3 +449,67 @@ async def test_made_up_key_paths_cannot_evict_the_real_key(bridge: Bridge) -> No
     hits = len(bridge.keys.hits)
     assert (await bridge.post(event_body())).status == 200
     assert len(bridge.keys.hits) == hits  # served from the cache, not fetched again
+
+
+async def test_each_registration_has_its_own_path_client_ids_and_routes(
+    make_bridge: Callable[..., Awaitable[Bridge]], keys: tuple[KeyServer, str]
+) -> None:
+    from bridge.rules import Route, TargetSpec
+
+    base = make_config(key_base_url=keys[1])
+    exchange = base.broker.exchange
+    drop_running = Route("quiet", Match(status=("running",)), action="drop")
+    own = (drop_running, Route("b-only", targets=(TargetSpec(exchange, "b.{status}"),)))
+    config = dataclasses.replace(
+        base,
+        registrations=(
+            Registration("a", "/a", ("client-a",)),
+            Registration("b", "/b", ("client-b",), routes=own),
+        ),
+    )
+    bridge = await make_bridge(config)
+
+    async def post(path: str, client: str, status: str = "succeeded") -> int:
+        body = event_body(
+            recipient_client_id=client,
+            event={
+                **LIGHTROOM["event"],
+                "body": {"jobId": "j", "outputs": [{"status": status}]},
+            },
+        )
+        response = await bridge.client.post(path, data=body, headers=bridge.signer.headers(body))
+        return response.status
+
+    assert await post("/a", "client-a") == 200
+    assert await post("/b", "client-a") == 403  # a's client id is not b's
+    assert await post("/b", "client-b") == 200
+    assert [m.routing_key for m in bridge.publisher.published] == [
+        "lightroom-job-status.succeeded",
+        "b.succeeded",
+    ]
+    assert [m.headers["registration"] for m in bridge.publisher.published] == ["a", "b"]
+    assert await post("/b", "client-b", "running") == 200  # dropped by b's own rule
+    assert len(bridge.publisher.published) == 2
+    metrics = await (await bridge.client.get("/metrics")).text()
+    assert 'bridge_events_dropped_total{rule="quiet"}' in metrics
+
+
+async def test_reload_swaps_rules_for_the_next_requests(
+    make_bridge: Callable[..., Awaitable[Bridge]], keys: tuple[KeyServer, str]
+) -> None:
+    from bridge.app import RECEIVER
+    from bridge.rules import Route
+
+    config = make_config(key_base_url=keys[1])
+    bridge = await make_bridge(config)
+    assert (await bridge.post(event_body())).status == 200
+    receiver = bridge.client.app[RECEIVER]
+    notes = receiver.reload(dataclasses.replace(config, routes=(Route("all", action="drop"),)))
+    assert notes == []
+    response = await bridge.post(event_body())
+    assert (await response.json())["status"] == "dropped"
+    assert len(bridge.publisher.published) == 1
+    moved = dataclasses.replace(config, registrations=(Registration("default", "/other", ("x",)),))
+    assert receiver.reload(moved) == [
+        "registrations added, removed or moved to another path: restart"
+    ]
