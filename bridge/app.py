@@ -23,6 +23,7 @@ from bridge import __version__, metrics
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError
 from bridge.keys import KeyStore
+from bridge.outbox import Outbox
 from bridge.publisher import AmqpPublisher, Publisher, TopologyMissing
 from bridge.receiver import Receiver, answer_middleware, json_response
 from bridge.verify import Verifier
@@ -64,7 +65,10 @@ async def reload_config(app: web.Application, path: str) -> bool:
                 action="keeping the running configuration",
             )
             return False
-    notes = app[RECEIVER].reload(config)
+    receiver = app[RECEIVER]
+    notes = receiver.reload(config)
+    if receiver.outbox is not None and receiver.outbox.exchanges is not None:
+        receiver.outbox.exchanges = {e.name for e in config.topology.exchanges}
     log.info("config_reloaded", config=path, routes=len(config.routes), not_applied=notes)
     return True
 
@@ -83,6 +87,15 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
         AmqpPublisher(config.broker, config.topology) if publisher is None else publisher
     )
     app[PUBLISHER] = chosen
+    outbox = None
+    if config.outbox.mode != "off":
+        outbox = Outbox(
+            config.outbox.dir,
+            config.outbox.max_bytes,
+            chosen,
+            exchanges={e.name for e in config.topology.exchanges} or None,
+            unrouted_exchange=config.broker.unrouted_exchange,
+        )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         if config.verification.key_base_url.startswith("http://"):
@@ -98,17 +111,27 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
             )
         if owned and isinstance(chosen, AmqpPublisher):
             await chosen.start()
+        if outbox is not None:
+            await outbox.open()
         log.info(
             "bridge_started", version=__version__, paths=[r.path for r in config.registrations]
         )
         yield
+        if outbox is not None:
+            # Shutdown order: the listener is closed and requests are answered (aiohttp), then
+            # the outbox gets a bounded time to replay, then the broker connection closes.
+            if outbox.depth and not await outbox.drain(config.outbox.drain_seconds):
+                log.warning(
+                    "outbox_left_for_next_start", events=outbox.depth, folder=str(outbox.folder)
+                )
+            await outbox.close()
         if owned and isinstance(chosen, AmqpPublisher):
             await chosen.close()
         await keys.close()
         log.info("bridge_stopped")
 
     app.cleanup_ctx.append(lifetime)
-    receiver = Receiver(config, Verifier(keys), chosen)
+    receiver = Receiver(config, Verifier(keys), chosen, outbox)
     receiver.add_routes(app)
     app[RECEIVER] = receiver
 
@@ -116,11 +139,15 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
         return json_response(200, {"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
-        if chosen.ready:
-            return json_response(200, {"status": "ready", "broker": "connected"})
-        return json_response(
-            503, {"status": "not_ready", "broker": "not connected"}, {"Retry-After": "5"}
-        )
+        # Ready when events can be made safe: through the broker, or into the outbox.
+        state = {
+            "broker": "connected" if chosen.ready else "not connected",
+            "outbox": "off" if outbox is None else ("usable" if outbox.usable else "unusable"),
+            "outbox_depth": 0 if outbox is None else outbox.depth,
+        }
+        if chosen.ready or (outbox is not None and outbox.usable):
+            return json_response(200, {"status": "ready", **state})
+        return json_response(503, {"status": "not_ready", **state}, {"Retry-After": "5"})
 
     async def metrics_handler(_request: web.Request) -> web.Response:
         return web.Response(

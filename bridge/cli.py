@@ -20,7 +20,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, load_config
-from bridge.errors import BadRequest, ConfigError, UsageError
+from bridge.errors import BadRequest, ConfigError, Unavailable, UsageError
 
 EX_CONFIG = 78
 DEFAULT_CONFIG = "config/bridge.yaml"
@@ -248,7 +248,10 @@ async def _serve(config: Config, path: str) -> int:
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except Unavailable as exc:  # the outbox folder cannot be opened
+        raise UsageError(exc.detail) from None
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
     try:
         await site.start()

@@ -101,7 +101,20 @@ class Registration:
 @dataclass(frozen=True)
 class OutboxConfig:
     dir: str = ".local/outbox"
-    mode: str = "off"
+    # off: a broker that cannot take an event gives a 503; fallback: the event is written here
+    # and answered 200; always: every event is written here first (write-ahead).
+    mode: str = "fallback"
+    max_bytes: int = 256 * 1024 * 1024
+    drain_seconds: float = 10.0  # on SIGTERM, time for the replayer to empty the outbox
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """An event id confirmed within the window is not published again."""
+
+    enabled: bool = True
+    seconds: float = 600.0
+    size: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class Config:
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     registrations: tuple[Registration, ...] = ()
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     topology: Topology = field(default_factory=lambda: _DEFAULT_TOPOLOGY)
     routes: tuple[Route, ...] = field(default_factory=lambda: _DEFAULT_ROUTES)
@@ -258,10 +272,24 @@ def _registrations(doc: Doc, node: yaml.Node | None) -> tuple[Registration, ...]
 
 
 def _outbox(doc: Doc, node: yaml.Node | None) -> OutboxConfig:
-    s = doc.mapping(node, "outbox", {"dir", "mode"})
+    s = doc.mapping(node, "outbox", {"dir", "mode", "max_bytes", "drain_seconds"})
     d = OutboxConfig()
-    # Only "off" exists so far: a broker that cannot take an event gets a 503 and Adobe retries.
-    return OutboxConfig(dir=s.string("dir", d.dir), mode=s.choice("mode", d.mode, ("off",)))
+    return OutboxConfig(
+        dir=s.string("dir", d.dir),
+        mode=s.choice("mode", d.mode, ("off", "fallback", "always")),
+        max_bytes=s.integer("max_bytes", d.max_bytes, 64 * 1024, 1 << 40),
+        drain_seconds=s.number("drain_seconds", d.drain_seconds, 0.0, 600.0),
+    )
+
+
+def _dedup(doc: Doc, node: yaml.Node | None) -> DedupConfig:
+    s = doc.mapping(node, "dedup", {"enabled", "seconds", "size"})
+    d = DedupConfig()
+    return DedupConfig(
+        enabled=s.boolean("enabled", d.enabled),
+        seconds=s.number("seconds", d.seconds, 1.0, 7 * 24 * 3600.0),
+        size=s.integer("size", d.size, 1, 10_000_000),
+    )
 
 
 def _logging(doc: Doc, node: yaml.Node | None) -> LoggingConfig:
@@ -279,6 +307,7 @@ _SECTIONS: dict[str, Callable[[Doc, yaml.Node | None], Any]] = {
     "verification": _verification,
     "registrations": _registrations,
     "outbox": _outbox,
+    "dedup": _dedup,
     "logging": _logging,
 }
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +43,7 @@ import structlog
 
 from bridge.adobe.envelope import parse_delivery
 from bridge.adobe.jobstatus import job_id, job_status
+from bridge.dedup import RecentIds
 from bridge.errors import BadRequest
 
 log = structlog.get_logger("bridge.consumer")
@@ -142,26 +141,6 @@ def decode(message: aio_pika.abc.AbstractIncomingMessage) -> ReceivedEvent:
     )
 
 
-class _Seen:
-    """Event ids handled lately, bounded by count and age."""
-
-    def __init__(self, size: int, seconds: float) -> None:
-        self.size, self.seconds = size, seconds
-        self._ids: OrderedDict[str, float] = OrderedDict()
-
-    def __contains__(self, event_id: object) -> bool:
-        now = time.monotonic()
-        while self._ids and next(iter(self._ids.values())) < now - self.seconds:
-            self._ids.popitem(last=False)
-        return event_id in self._ids
-
-    def add(self, event_id: str) -> None:
-        self._ids[event_id] = time.monotonic()
-        self._ids.move_to_end(event_id)
-        while len(self._ids) > self.size:
-            self._ids.popitem(last=False)
-
-
 Handler = Callable[[ReceivedEvent], Awaitable[None]]
 
 
@@ -185,7 +164,7 @@ class Consumer:
         self.url, self.queue_name, self.handler = url, queue, handler
         self.prefetch, self.max_attempts, self.retry_delay = prefetch, max_attempts, retry_delay
         self.retry_queue_name = f"{queue}.retry"
-        self.seen = _Seen(dedup_size, dedup_seconds)
+        self.seen = RecentIds(dedup_size, dedup_seconds)
         self.counts = {"handled": 0, "retried": 0, "dead_lettered": 0, "duplicates": 0}
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None

@@ -59,6 +59,33 @@ KEY_LOOKUPS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+DUPLICATES = Counter(
+    "bridge_duplicate_events",
+    "Events not published again: their id was confirmed within the deduplication window.",
+    registry=REGISTRY,
+)
+OUTBOX_DEPTH = Gauge(
+    "bridge_outbox_depth",
+    "Events in the outbox, accepted and waiting for the broker.",
+    registry=REGISTRY,
+)
+OUTBOX_REPLAYED = Counter(
+    "bridge_outbox_replayed",
+    "Events the outbox replayed to the broker (confirmed).",
+    registry=REGISTRY,
+)
+OUTBOX_REFUSED = Counter(
+    "bridge_outbox_refused",
+    "Appends the outbox refused (503), by reason: full, write_failed.",
+    ["reason"],
+    registry=REGISTRY,
+)
+OUTBOX_FSYNC_SECONDS = Histogram(
+    "bridge_outbox_write_seconds",
+    "Time of one grouped outbox write with its fsync.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
 BROKER_READY = Gauge(
     "bridge_broker_ready",
     "1 while the publish channel to the broker is open.",

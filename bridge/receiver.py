@@ -35,9 +35,11 @@ from bridge import metrics
 from bridge.adobe.envelope import MAX_FIELD_BYTES, Delivery, parse_delivery
 from bridge.adobe.signature import KEY_PATH_HEADERS, SIGNATURE_HEADERS
 from bridge.config import Config, Registration
+from bridge.dedup import RecentIds
 from bridge.errors import (
     RETRYABLE,
     BadRequest,
+    BrokerUnavailable,
     Forbidden,
     PayloadTooLarge,
     Refusal,
@@ -45,7 +47,8 @@ from bridge.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from bridge.message import RequestContext, build_message, header_text
+from bridge.message import Outbound, RequestContext, build_message, header_text
+from bridge.outbox import Outbox
 from bridge.publisher import Publisher
 from bridge.routing import Router
 from bridge.verify import Verifier
@@ -141,12 +144,21 @@ class Rules:
 class Receiver:
     """The webhook and challenge handlers of every registration."""
 
-    def __init__(self, config: Config, verifier: Verifier, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier,
+        publisher: Publisher,
+        outbox: Outbox | None = None,
+    ) -> None:
         self.config = config
         self.verifier = verifier
         self.publisher = publisher
+        self.outbox = outbox
         self.rules = Rules.build(config)
         self.in_flight = 0
+        dedup = config.dedup
+        self.recent = RecentIds(dedup.size, dedup.seconds) if dedup.enabled else None
 
     def add_routes(self, app: web.Application) -> None:
         for registration in self.config.registrations:
@@ -161,7 +173,7 @@ class Receiver:
         if len(kept) != len(config.registrations) or len(kept) != len(paths):
             notes.append("registrations added, removed or moved to another path: restart")
         merged = {r.name: r for r in self.config.registrations} | {r.name: r for r in kept}
-        for name in ("server", "broker", "verification", "outbox", "logging"):
+        for name in ("server", "broker", "verification", "outbox", "dedup", "logging"):
             if getattr(config, name) != getattr(self.config, name):
                 notes.append(f"{name} settings changed: restart to apply them")
         self.rules = Rules.build(
@@ -250,15 +262,21 @@ class Receiver:
         _authorize(delivery, registration)
         context = RequestContext.from_headers(registration.name, datetime.now(UTC), headers)
         provider = context.copied.get("adobe-provider")
-        decisions = [(e, router.route(e, provider, registration.name)) for e in delivery.events]
+        fresh = [e for e in delivery.events if self.recent is None or e.event_id not in self.recent]
+        if len(fresh) < len(delivery.events):
+            metrics.DUPLICATES.inc(len(delivery.events) - len(fresh))
+            fields["duplicates"] = len(delivery.events) - len(fresh)
+        decisions = [(e, router.route(e, provider, registration.name)) for e in fresh]
         messages = [
             build_message(event, target, context)
             for event, decision in decisions
             for target in decision.targets
         ]
         fields["routing_key"] = _one_or_list([m.routing_key for m in messages])
-        if messages:
-            await self.publisher.publish(messages)
+        stored = await self._deliver(messages) if messages else False
+        if self.recent is not None:
+            for event in fresh:
+                self.recent.add(event.event_id)
         for event, decision in decisions:
             if decision.dropped:
                 metrics.EVENTS_DROPPED.labels(decision.dropped_by or "").inc()
@@ -270,7 +288,15 @@ class Receiver:
                 )
             else:
                 metrics.EVENTS_PUBLISHED.labels(event.event_code, event.job_status or "none").inc()
-        fields["outcome"] = "dropped" if not messages else "published"
+        fields["outcome"] = (
+            "stored"
+            if stored
+            else "published"
+            if messages
+            else "duplicate"
+            if not fresh
+            else "dropped"
+        )
         return json_response(
             200,
             {
@@ -279,6 +305,26 @@ class Receiver:
                 "messages": len(messages),
             },
         )
+
+    async def _deliver(self, messages: list[Outbound]) -> bool:
+        """Make every message safe: confirmed by the broker, or fsync'ed in the outbox.
+
+        Returns True when they went to the outbox. ``always``: the outbox first (write-ahead);
+        ``fallback``: the outbox when the broker cannot take them; ``off`` (no outbox): a 503.
+        """
+        outbox, mode = self.outbox, self.config.outbox.mode
+        if outbox is not None and mode == "always":
+            await outbox.append(messages)
+            return True
+        try:
+            await self.publisher.publish(messages)
+        except BrokerUnavailable as exc:
+            if outbox is None or mode != "fallback":
+                raise
+            log.info("publish_failed_using_outbox", reason=exc.reason, messages=len(messages))
+            await outbox.append(messages)
+            return True
+        return False
 
     def _validation(
         self, registration: Registration, delivery: Delivery, fields: dict[str, Any]

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from bridge.config import (
     BrokerConfig,
     Config,
+    OutboxConfig,
     Registration,
     ServerConfig,
     VerificationConfig,
@@ -56,6 +57,7 @@ def make_config(
         verification=VerificationConfig(key_base_url=key_base_url, key_fetch_timeout=1.0),
         registrations=(Registration("default", "/webhook", tuple(client_ids)),),
         topology=default_topology(exchange, unrouted, unrouted),
+        outbox=OutboxConfig(mode="off"),
         routes=default_routes(exchange),
     )
 

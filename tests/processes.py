@@ -42,6 +42,8 @@ class Daemon:
     """``events-bridge serve`` in a subprocess; JSON logs collected in a file."""
 
     def __init__(self, config: Path, env: dict[str, str]) -> None:
+        # Each daemon its own outbox: one test's backlog must never replay into another's.
+        env = {"BRIDGE_OUTBOX_DIR": tempfile.mkdtemp(prefix="bridge-outbox-"), **env}
         self.env = env
         self.config = config
         self.url = f"http://127.0.0.1:{env['BRIDGE_PORT']}"

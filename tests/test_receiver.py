@@ -471,6 +471,7 @@ async def test_each_registration_has_its_own_path_client_ids_and_routes(
 
     async def post(path: str, client: str, status: str = "succeeded") -> int:
         body = event_body(
+            event_id=f"{path}-{client}-{status}",
             recipient_client_id=client,
             event={
                 **LIGHTROOM["event"],
@@ -502,11 +503,11 @@ async def test_reload_swaps_rules_for_the_next_requests(
 
     config = make_config(key_base_url=keys[1])
     bridge = await make_bridge(config)
-    assert (await bridge.post(event_body())).status == 200
+    assert (await bridge.post(event_body(event_id="before"))).status == 200
     receiver = bridge.client.app[RECEIVER]
     notes = receiver.reload(dataclasses.replace(config, routes=(Route("all", action="drop"),)))
     assert notes == []
-    response = await bridge.post(event_body())
+    response = await bridge.post(event_body(event_id="after"))
     assert (await response.json())["status"] == "dropped"
     assert len(bridge.publisher.published) == 1
     moved = dataclasses.replace(config, registrations=(Registration("default", "/other", ("x",)),))
