@@ -146,7 +146,7 @@ class Outbox:
         self._bytes = 0
         self._segment = 0
         self._segment_size = 0
-        self._file: Any = None
+        self._fd: int | None = None
         self._queue: list[tuple[list[bytes], list[Outbound], asyncio.Future[None]]] = []
         self._wake_writer = asyncio.Event()
         self._wake_replayer = asyncio.Event()
@@ -160,7 +160,7 @@ class Outbox:
 
     @property
     def usable(self) -> bool:
-        return self._file is not None and self._bytes < self.max_bytes
+        return self._fd is not None and self._bytes < self.max_bytes
 
     def _path(self, segment: int) -> Path:
         return self.folder / f"segment-{segment:012d}.log"
@@ -241,10 +241,11 @@ class Outbox:
             os.close(directory)
 
     def _open_segment(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = self._path(self._segment).open("ab")
-        self._segment_size = self._file.tell()
+        # A raw descriptor, no buffer: after a failed write nothing lingers to be flushed later.
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._segment_size = os.fstat(self._fd).st_size
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -256,15 +257,15 @@ class Outbox:
             if not future.done():
                 future.set_exception(OutboxUnavailable("outbox_closed", "the outbox is closing"))
         self._queue.clear()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     # -- writing --------------------------------------------------------------------------------
 
     async def append(self, messages: Sequence[Outbound]) -> None:
         """Return once every message is written and fsync'ed, or raise a 503-kind error."""
-        if self._file is None:
+        if self._fd is None:
             raise OutboxUnavailable("outbox_unavailable", "the outbox is not open")
         frames = [encode(m) for m in messages]
         size = sum(len(f) for f in frames)
@@ -318,15 +319,16 @@ class Outbox:
             self._segment += 1
             self._open_segment()
         start = self._segment_size
+        assert self._fd is not None
         try:
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
         except OSError:
-            # Leave no half-written frame behind: the next start would truncate it anyway.
+            # Leave no half-written frame behind (the next start would truncate it anyway).
             with contextlib.suppress(OSError):
-                self._file.truncate(start)
-                self._file.seek(start)
+                os.ftruncate(self._fd, start)
             raise
         ends: list[list[tuple[int, int]]] = []
         offset = start

@@ -1,0 +1,185 @@
+"""The outbox's file format and bookkeeping: frames, torn tails, group commit, bounds, cursor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.errors import BrokerUnavailable
+from bridge.message import Outbound
+from bridge.outbox import Outbox, OutboxFull, OutboxUnavailable, decode, encode
+
+
+def message(n: int, body: bytes = b'{"x":1}') -> Outbound:
+    return Outbound(
+        exchange="ex",
+        routing_key=f"k.{n}",
+        body=body,
+        message_id=f"m{n}",
+        type="code",
+        timestamp=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        headers={"event-id": f"m{n}", "job-status": "failed"},
+    )
+
+
+class Recorder:
+    """Stands in for the broker in bookkeeping tests only; the real replay is in test_broker."""
+
+    def __init__(self, ready: bool = True) -> None:
+        self.ready = ready
+        self.published: list[Outbound] = []
+        self.fail_next = 0
+
+    async def publish(self, messages: Sequence[Outbound]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise BrokerUnavailable("not_connected", "down")
+        self.published.extend(messages)
+
+
+@given(st.binary(max_size=2048), st.dictionaries(st.text(max_size=10), st.text(max_size=20)))
+def test_frames_round_trip(body: bytes, headers: dict[str, str]) -> None:
+    original = Outbound("ex", "rk", body, "id", "t", datetime.now(UTC), headers)
+    data = encode(original) + encode(original)
+    records, valid = decode(data)
+    assert valid == len(data)
+    assert [m for _, m in records] == [original, original]
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11, 13, 30])
+def test_a_torn_frame_ends_the_valid_part(cut: int) -> None:
+    first, second = encode(message(1)), encode(message(2))
+    records, valid = decode(first + second[:-cut])
+    assert [m.message_id for _, m in records] == ["m1"]
+    assert valid == len(first)
+    flipped = bytearray(first + second)
+    flipped[len(first) + 20] ^= 0xFF  # a bit flipped inside the second payload: crc catches it
+    assert len(decode(bytes(flipped))[0]) == 1
+
+
+async def test_appends_survive_a_restart_and_a_torn_tail_is_truncated(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
+    await outbox.open()
+    await outbox.append([message(1), message(2)])
+    await outbox.append([message(3)])
+    await outbox.close()
+    (segment,) = tmp_path.glob("segment-*.log")
+    good_size = segment.stat().st_size
+    with segment.open("ab") as handle:
+        handle.write(encode(message(4))[:-7])  # the crash happened in the middle of a write
+    again = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
+    await again.open()
+    assert again.depth == 3
+    assert segment.stat().st_size == good_size
+    await again.close()
+
+
+async def test_concurrent_appends_share_writes(tmp_path: Path) -> None:
+    writes = 0
+
+    class Counting(Outbox):
+        def _write(self, data: bytes, frames: list[list[bytes]]) -> list[list[tuple[int, int]]]:
+            nonlocal writes
+            writes += 1
+            return super()._write(data, frames)
+
+    outbox = Counting(tmp_path, 1 << 20, Recorder(ready=False))
+    await outbox.open()
+    await asyncio.gather(*(outbox.append([message(i)]) for i in range(100)))
+    assert outbox.depth == 100
+    assert writes < 20  # group commit: far fewer fsyncs than appends
+    await outbox.close()
+
+
+async def test_a_full_outbox_refuses_with_503(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path, 64 * 1024, Recorder(ready=False))
+    await outbox.open()
+    big = message(1, b"x" * 40_000)
+    await outbox.append([big])
+    with pytest.raises(OutboxFull) as caught:
+        await outbox.append([message(2, b"x" * 40_000)])
+    assert caught.value.status == 503
+    assert outbox.depth == 1
+    await outbox.close()
+
+
+async def test_replay_confirms_then_moves_the_cursor_and_survives_failures(
+    tmp_path: Path,
+) -> None:
+    publisher = Recorder()
+    publisher.fail_next = 2
+    outbox = Outbox(tmp_path, 1 << 20, publisher)
+    await outbox.open()
+    await outbox.append([message(i) for i in range(150)])
+    assert await outbox.drain(10)
+    assert [m.message_id for m in publisher.published] == [f"m{i}" for i in range(150)]
+    await outbox.close()
+    again = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
+    await again.open()
+    assert again.depth == 0  # the cursor says all of it was confirmed
+    await again.close()
+
+
+async def test_records_for_a_vanished_exchange_go_to_unrouted(tmp_path: Path) -> None:
+    publisher = Recorder()
+    outbox = Outbox(tmp_path, 1 << 20, publisher, exchanges={"other"}, unrouted_exchange="park")
+    await outbox.open()
+    await outbox.append([message(1)])
+    assert await outbox.drain(5)
+    assert [m.exchange for m in publisher.published] == ["park"]
+    await outbox.close()
+
+
+async def test_an_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    outbox = Outbox(blocker / "outbox", 1 << 20, Recorder())
+    with pytest.raises(OutboxUnavailable, match="cannot open the outbox"):
+        await outbox.open()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: writes beyond it fail with ENOSPC (root only)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+async def test_a_full_disk_is_a_503_never_a_200(tiny_disk: Path) -> None:
+    outbox = Outbox(tiny_disk, 1 << 30, Recorder(ready=False))
+    await outbox.open()
+    await outbox.append([message(1)])
+    statuses = []
+    for i in range(100):
+        try:
+            await outbox.append([message(i, b"y" * 8000)])
+        except OutboxUnavailable as exc:
+            statuses.append(exc.status)
+            break
+    assert statuses == [503]
+    before = outbox.depth
+    await outbox.close()
+    again = Outbox(tiny_disk, 1 << 30, Recorder(ready=False))
+    await again.open()
+    assert again.depth == before  # what was acknowledged is all there, nothing half-written
+    await again.close()
