@@ -88,7 +88,8 @@ class Bridge:
     async def wait_ready(self, seconds: float = 15.0) -> float:
         started = time.monotonic()
         while time.monotonic() - started < seconds:
-            if (await self.client.get("/readyz")).status == 200:
+            response = await self.client.get("/readyz")
+            if response.status == 200 and (await response.json())["broker"] == "connected":
                 return time.monotonic() - started
             await asyncio.sleep(0.1)
         raise AssertionError(f"not ready within {seconds}s")
@@ -456,3 +457,38 @@ async def test_every_adobe_sample_is_published_as_its_index_says(
         assert message.routing_key == f"{code}.{status or 'none'}"
         assert message.headers.get("job-id") == job
         assert message.headers.get("job-status") == status
+
+
+async def test_outbox_keeps_events_through_an_outage_and_replays_them(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    consumer: aio_pika.abc.AbstractChannel,
+    proxy: Proxy,
+    amqp_url: str,
+    signer: SigningKey,
+    tmp_path: Path,
+    forget_topology: list[BrokerConfig],
+) -> None:
+    from bridge.config import OutboxConfig
+
+    config = make_config(key_base_url=key_folder(tmp_path, signer), amqp_url=via(amqp_url, proxy))
+    config = dataclasses.replace(config, outbox=OutboxConfig(dir=str(tmp_path / "outbox")))
+    forget_topology.append(config.broker)
+    bridge = Bridge(await aiohttp_client(create_app(config)), config, signer)
+    await bridge.wait_ready()
+    queue = await bind_queue(consumer, config.broker.exchange)
+    proxy.down()
+    slowest = 0.0
+    for i in range(20):
+        started = time.monotonic()
+        response = await bridge.post(lightroom(f"kept-{i}"))
+        slowest = max(slowest, time.monotonic() - started)
+        assert response.status == 200
+        assert (await response.json())["status"] == "stored"
+    assert slowest < 8.0
+    ready = await bridge.client.get("/readyz")
+    assert ready.status == 200  # not the broker, but the outbox can take events
+    assert (await ready.json())["outbox_depth"] == 20
+    proxy.up()
+    messages = await take(queue, 20, seconds=20)
+    assert sorted(m.message_id or "" for m in messages) == sorted(f"kept-{i}" for i in range(20))
+    assert all(m.body == lightroom(m.message_id or "") for m in messages)

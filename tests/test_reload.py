@@ -53,6 +53,8 @@ registrations:
   - {{name: default, path: /webhook, client_ids: [{CLIENT_ID}]}}
 logging:
   format: json
+outbox:
+  dir: ${{BRIDGE_OUTBOX_DIR}}
 topology:
   exchanges:
     - {{name: {p}.events, type: topic, alternate_exchange: {p}.unrouted}}

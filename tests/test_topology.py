@@ -35,6 +35,8 @@ verification:
   key_base_url: ${{BRIDGE_KEY_BASE_URL:-file:///nowhere}}
 registrations:
   - {{name: default, path: /webhook, client_ids: [{CLIENT_ID}]}}
+outbox:
+  mode: "off"
 topology:
   exchanges:
     - {{name: {p}.events, type: topic, alternate_exchange: {p}.unrouted}}
@@ -217,6 +219,7 @@ def test_passive_topology_missing_on_the_broker_stops_serve_with_one_line(
     config = tmp_path / "passive.yaml"
     config.write_text(
         "registrations:\n  - {name: d, client_ids: [c]}\n"
+        "outbox:\n  dir: ${BRIDGE_OUTBOX_DIR}\n"
         "topology:\n  passive: true\n  exchanges:\n    - {name: no.such.exchange}\n"
         "routes:\n  - {targets: [{exchange: no.such.exchange}]}\n"
     )
