@@ -8,12 +8,17 @@ import contextlib
 
 class Proxy:
     """Forwards 127.0.0.1:<port> to a target. ``down()`` resets every connection and refuses
-    new ones, as a stopped broker would; ``up()`` forwards again."""
+    new ones, as a stopped broker would; ``up()`` forwards again. ``blackhole`` keeps sockets
+    open and forwards nothing; ``drop_replies`` forwards to the broker but nothing back (confirms
+    lost on the way); ``latency`` delays every chunk."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
         self.accepting = True
+        self.blackhole = False
+        self.drop_replies = False
+        self.latency = 0.0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -64,13 +69,19 @@ class Proxy:
             return
         self._writers.update((writer, up_writer))
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool
+        ) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
+                    if self.latency:
+                        await asyncio.sleep(self.latency)
+                    if self.blackhole or (replies and self.drop_replies):
+                        continue
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
