@@ -11,10 +11,10 @@ Routes: ``<registration path>`` (GET challenge, POST events), ``/healthz``, ``/r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Final
 
-import aio_pika
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,7 +24,7 @@ from bridge.config import Config, load_config
 from bridge.errors import ConfigError
 from bridge.keys import KeyStore
 from bridge.outbox import Outbox
-from bridge.publisher import AmqpPublisher, Publisher, TopologyMissing
+from bridge.publisher import AmqpPublisher, Publisher
 from bridge.receiver import Receiver, answer_middleware, json_response
 from bridge.verify import Verifier
 
@@ -34,6 +34,7 @@ CONFIG: Final = web.AppKey("config", Config)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 KEYS: Final = web.AppKey("keys", KeyStore)
 RECEIVER: Final = web.AppKey("receiver", Receiver)
+RELOAD_LOCK: Final = web.AppKey("reload_lock", asyncio.Lock)
 
 
 async def reload_config(app: web.Application, path: str) -> bool:
@@ -43,6 +44,11 @@ async def reload_config(app: web.Application, path: str) -> bool:
     an exchange that does not exist yet. Requests in flight finish with the rules they started
     with; the next ones use the new rules. Nothing is dropped on the way.
     """
+    async with app[RELOAD_LOCK]:  # two SIGHUPs in a row: applied one after another, in order
+        return await _reload(app, path)
+
+
+async def _reload(app: web.Application, path: str) -> bool:
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -57,7 +63,7 @@ async def reload_config(app: web.Application, path: str) -> bool:
     if isinstance(publisher, AmqpPublisher):
         try:
             await publisher.apply_topology(config.topology)
-        except (TopologyMissing, aio_pika.exceptions.AMQPError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the running config stays
             log.error(
                 "config_reload_failed",
                 config=path,
@@ -82,6 +88,7 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
     keys = KeyStore(config.verification)
     app[CONFIG] = config
     app[KEYS] = keys
+    app[RELOAD_LOCK] = asyncio.Lock()
     owned = publisher is None
     chosen: Publisher = (
         AmqpPublisher(config.broker, config.topology) if publisher is None else publisher

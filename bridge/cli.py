@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__
-from bridge.config import Config, load_config
+from bridge.config import Config, Registration, load_config
 from bridge.errors import BadRequest, ConfigError, Unavailable, UsageError
 
 EX_CONFIG = 78
@@ -333,14 +333,21 @@ def cmd_declare(args: argparse.Namespace) -> int:
                 return await check_topology(connection, topology)
             try:
                 await declare_topology(await connection.channel(), topology)
-            except aio_pika.exceptions.AMQPError as exc:
+            except (aio_pika.exceptions.AMQPError, ValueError, TypeError) as exc:
                 raise UsageError(f"declare failed: {exc}") from None
         return []
 
     missing = asyncio.run(declare())
     if missing:
         raise UsageError(", ".join(missing) + " missing on the broker (topology.passive is true)")
-    verb = "checked" if topology.passive else "declared"
+    if topology.passive:
+        for e in topology.exchanges:
+            print(f"exists: exchange {e.name}")
+        for q in topology.queues:
+            print(f"exists: queue {q.name}")
+        print("(passive: only existence is checked, not types, arguments or bindings)")
+        return 0
+    verb = "declared"
     for e in topology.exchanges:
         ae = f", alternate exchange {e.alternate_exchange}" if e.alternate_exchange else ""
         print(f"{verb} exchange {e.name} ({e.type}{ae})")
@@ -356,18 +363,29 @@ def cmd_declare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route_registration(args: argparse.Namespace) -> Registration | None:
+    """The registration `route` speaks for: --registration, or the only one there is."""
+    try:
+        registrations = _load(args.config, ("broker", "registrations")).registrations
+    except ConfigError:
+        if args.registration:
+            raise
+        return None  # e.g. BRIDGE_CLIENT_IDS unset: the shared routes, no recipient check
+    if args.registration:
+        found = [r for r in registrations if r.name == args.registration]
+        if not found:
+            raise UsageError(f"no registration named {args.registration!r} in {args.config}")
+        return found[0]
+    return registrations[0] if len(registrations) == 1 else None
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from bridge.adobe.envelope import parse_delivery
     from bridge.routing import Router
 
     config = _load(args.config, ("broker", "topology", "routes"))
-    routes = config.routes
-    if args.registration:
-        registrations = _load(args.config, ("broker", "registrations")).registrations
-        found = [r for r in registrations if r.name == args.registration]
-        if not found:
-            raise UsageError(f"no registration named {args.registration!r} in {args.config}")
-        routes = config.routes_for(found[0])
+    registration = _route_registration(args)
+    routes = config.routes if registration is None else config.routes_for(registration)
     try:
         raw = args.event.read_bytes()
     except OSError as exc:
@@ -382,15 +400,24 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 0
     router = Router(routes, config.broker.unrouted_exchange)
     kind = "batch of" if delivery.batch else "single delivery,"
-    print(f"{args.event}: {kind} {len(delivery.events)} event(s), {len(routes)} rule(s)")
+    where = f"registration {registration.name}" if registration else "the shared routes"
+    print(f"{args.event}: {kind} {len(delivery.events)} event(s), {len(routes)} rule(s) of {where}")
     for event in delivery.events:
-        decision = router.route(event, args.provider, args.registration or "default", explain=True)
+        name = registration.name if registration else ""
+        decision = router.route(event, args.provider, name, explain=True)
         print(f"  event {event.event_id}")
         print(f"    envelope:   {event.envelope}")
         print(f"    event code: {event.event_code}")
         print(f"    job status: {event.job_status or '(none)'}  job id: {event.job_id or '(none)'}")
         print(f"    IMS org:    {event.ims_org or '(none)'}")
-        print(f"    recipients: {', '.join(event.recipients) or '(none: would be refused, 403)'}")
+        print(f"    recipients: {', '.join(event.recipients) or '(none)'}")
+        if registration is not None:
+            refused = not any(r in registration.client_ids for r in event.recipients) or (
+                registration.ims_orgs and event.ims_org not in registration.ims_orgs
+            )
+            if refused:
+                print("    -> refused with 403: recipient or IMS org not this registration's")
+                continue
         for reason in decision.reasons:
             print(f"    {reason}")
         for target in decision.targets:

@@ -356,8 +356,15 @@ def parse_config(
 
 def _check_exchanges(doc: Doc, values: dict[str, Any], broker: BrokerConfig) -> None:
     topology: Topology | None = values.get("topology")
-    if topology is None or topology.passive:  # passive: the broker holds what we do not declare
+    if topology is None:
         return
+    if broker.unrouted_exchange not in {e.name for e in topology.exchanges}:
+        doc.fail(
+            "broker.unrouted_exchange",
+            None,
+            f"exchange {broker.unrouted_exchange!r} (where events no rule takes go) is not "
+            "in topology.exchanges",
+        )
     check_route_exchanges(
         doc, values.get("routes", ()), "routes", topology, broker.unrouted_exchange
     )

@@ -23,7 +23,10 @@ What it does with each message (``prefetch`` at a time):
   the event comes back after the delay, with ``x-bridge-attempt`` counting the attempts;
 - after ``max_attempts`` (or on :class:`PermanentFailure`, or a message it cannot decode)
   rejects it without requeue, so the broker dead-letters it through the work queue's own
-  ``x-dead-letter-exchange`` (declare it in the topology) with an ``x-death`` history.
+  ``x-dead-letter-exchange`` (declare it in the topology) with an ``x-death`` history. After a
+  retry the message's routing key is the queue's name (the retry queue dead-letters it back by
+  name), so make that exchange a fanout; the original key is in ``x-bridge-routing-key`` and in
+  :attr:`ReceivedEvent.routing_key`.
 
 The work queue must exist (the bridge's topology declares it); the helper declares only its retry
 queue. Does not: publish events, or know anything of HTTP.
@@ -49,6 +52,7 @@ from bridge.errors import BadRequest
 log = structlog.get_logger("bridge.consumer")
 
 ATTEMPT_HEADER = "x-bridge-attempt"
+ROUTING_KEY_HEADER = "x-bridge-routing-key"  # the original key, kept across the retry queue
 _ERROR_FIELDS = ("errors", "error", "errorDetails", "details")
 
 
@@ -105,7 +109,7 @@ def _job(document: dict[str, Any], envelope: str, headers: dict[str, Any]) -> Jo
             errors=next((o[f] for f in _ERROR_FIELDS if o.get(f) is not None), None),
             document=o,
         )
-        for o in payload.get("outputs") or []
+        for o in (payload["outputs"] if isinstance(payload.get("outputs"), list) else [])
         if isinstance(o, dict)
     )
     return JobStatus(_text(headers.get("job-id")) or job_id(payload), status, outputs)
@@ -125,6 +129,8 @@ def decode(message: aio_pika.abc.AbstractIncomingMessage) -> ReceivedEvent:
         )
     except BadRequest as exc:
         raise ValueError(exc.detail) from None
+    except Exception as exc:  # noqa: BLE001 - whatever a body does to the parser: undecodable
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
     if len(delivery.events) != 1:
         raise ValueError("the body is not one event")
     event = delivery.events[0]
@@ -132,7 +138,7 @@ def decode(message: aio_pika.abc.AbstractIncomingMessage) -> ReceivedEvent:
     return ReceivedEvent(
         event_id=message.message_id or event.event_id,
         event_code=message.type or event.event_code,
-        routing_key=message.routing_key or "",
+        routing_key=_text(headers.get(ROUTING_KEY_HEADER)) or message.routing_key or "",
         body=message.body,
         document=event.document,
         headers=headers,
@@ -169,13 +175,14 @@ class Consumer:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._stopped = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         """Connect, declare the retry queue, and start consuming (returns once consuming)."""
         self._connection = await aio_pika.connect_robust(
             self.url, client_properties={"connection_name": f"consumer {self.queue_name}"}
         )
-        channel = await self._connection.channel(publisher_confirms=True)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.prefetch)
         await channel.declare_queue(
             self.retry_queue_name,
@@ -209,15 +216,40 @@ class Consumer:
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never leave a message unsettled
+            # Dead-lettered, not requeued: a requeue would bring it straight back, forever.
+            log.error("message_handling_failed", message_id=message.message_id, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await message.reject(requeue=False)
+
+    async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
             event = decode(message)
         except ValueError as exc:
             log.warning("message_undecodable", message_id=message.message_id, error=str(exc))
             await self._dead_letter(message)
             return
+        # A copy of the same event already in the handler (prefetch > 1): wait for it first.
+        while (running := self._in_flight.get(event.event_id)) is not None:
+            await asyncio.shield(running)
         if event.event_id in self.seen:
             self.counts["duplicates"] += 1
             await message.ack()
             return
+        done = asyncio.get_running_loop().create_future()
+        self._in_flight[event.event_id] = done
+        try:
+            await self._run_handler(message, event)
+        finally:
+            del self._in_flight[event.event_id]
+            done.set_result(None)
+
+    async def _run_handler(
+        self, message: aio_pika.abc.AbstractIncomingMessage, event: ReceivedEvent
+    ) -> None:
         try:
             await self.handler(event)
         except asyncio.CancelledError:
@@ -252,7 +284,11 @@ class Consumer:
             retry_in=self.retry_delay,
             error=repr(exc),
         )
-        headers = {**event.headers, ATTEMPT_HEADER: event.attempt + 1}
+        headers = {
+            **event.headers,
+            ATTEMPT_HEADER: event.attempt + 1,
+            ROUTING_KEY_HEADER: event.routing_key,
+        }
         copy = aio_pika.Message(
             body=message.body,
             headers=headers,
@@ -263,8 +299,9 @@ class Consumer:
             timestamp=message.timestamp,
             app_id=message.app_id,
         )
-        # Confirmed before the ack: a crash in between redelivers, it never loses the event.
-        await self._channel.default_exchange.publish(copy, self.retry_queue_name)
+        # Confirmed (and not returned: mandatory) before the ack: a crash or a missing retry
+        # queue redelivers the event, never loses it.
+        await self._channel.default_exchange.publish(copy, self.retry_queue_name, mandatory=True)
         self.counts["retried"] += 1
         await message.ack()
 

@@ -184,8 +184,16 @@ class AmqpPublisher:
     async def apply_topology(self, topology: Topology) -> None:
         """Adopt a new topology (config reload): declare it now on a channel of its own, so a
         failure leaves the publish channel untouched, and on every reconnect from then on."""
+        if topology == self._topology:
+            return
         connection = self._connection
-        if connection is not None and not connection.is_closed:
+        if connection is None or connection.is_closed:
+            # Adopting it unchecked could leave a topology that never declares, and 503s forever.
+            raise TopologyMissing(
+                "the broker is not connected, so the new topology cannot be declared: "
+                "send SIGHUP again once it is back"
+            )
+        if connection is not None:
             channel = await connection.channel()
             try:
                 if topology.passive:

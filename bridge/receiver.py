@@ -176,8 +176,14 @@ class Receiver:
         for name in ("server", "broker", "verification", "outbox", "dedup", "logging"):
             if getattr(config, name) != getattr(self.config, name):
                 notes.append(f"{name} settings changed: restart to apply them")
+        # The broker settings (the unrouted exchange among them) stay those of the running
+        # process: they change with a restart, as the note above says.
         self.rules = Rules.build(
-            dataclasses.replace(config, registrations=tuple(merged[n] for n in paths))
+            dataclasses.replace(
+                config,
+                broker=self.config.broker,
+                registrations=tuple(merged[n] for n in paths),
+            )
         )
         return notes
 

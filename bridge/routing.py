@@ -178,7 +178,9 @@ def _field_check(field: FieldMatch) -> Check:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """JSON equality: 1 == 1.0, but true is not 1."""
+    """JSON equality: 1 == 1.0, but true is not 1; a YAML list equals a JSON array."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
 
 

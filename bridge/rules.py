@@ -269,7 +269,21 @@ def parse_routes(doc: Doc, node: yaml.Node | None, path: str) -> tuple[Route, ..
     return tuple(routes)
 
 
-def _arguments(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _arguments(doc: Doc, values: dict[str, Any], path: str) -> tuple[tuple[str, Any], ...]:
+    """AMQP table values the broker takes: strings, booleans, whole numbers within 64 bits."""
+    for name, value in values.items():
+        fits = isinstance(value, str | bool) or (
+            isinstance(value, int) and _INT64[0] <= value <= _INT64[1]
+        )
+        if not fits:
+            doc.fail(
+                f"{path}.{name}",
+                None,
+                f"expected a string, true/false or a whole number, got {value!r}",
+            )
     return tuple(sorted(values.items()))
 
 
@@ -300,7 +314,7 @@ def parse_topology(doc: Doc, node: yaml.Node | None, default: Topology) -> Topol
                 auto_delete=e.boolean("auto_delete", False),
                 internal=e.boolean("internal", False),
                 alternate_exchange=e.string("alternate_exchange", "", _NAME) or None,
-                arguments=_arguments(e.scalars("arguments")),
+                arguments=_arguments(doc, e.scalars("arguments"), f"{path}.arguments"),
             )
         )
         if not e.has("name"):
@@ -341,11 +355,22 @@ def parse_topology(doc: Doc, node: yaml.Node | None, default: Topology) -> Topol
                 max_length=_optional_int(q, "max_length"),
                 overflow=q.choice("overflow", "", OVERFLOWS) or None,
                 delivery_limit=_optional_int(q, "delivery_limit"),
-                arguments=_arguments(q.scalars("arguments")),
+                arguments=_arguments(doc, q.scalars("arguments"), f"{path}.arguments"),
             )
         )
         if not q.has("name"):
             doc.fail(f"{path}.name", item, "required")
+        spec = queues[-1]
+        if spec.delivery_limit is not None and spec.type != "quorum":
+            doc.fail(
+                f"{path}.delivery_limit",
+                q.items.get("delivery_limit"),
+                "only quorum queues have a delivery limit",
+            )
+        if spec.message_ttl_ms is not None and spec.message_ttl_ms >= 2**32:
+            doc.fail(
+                f"{path}.message_ttl_ms", q.items.get("message_ttl_ms"), "at most 4294967295 ms"
+            )
     bindings: list[BindingSpec] = []
     for path, item in s.sequence("bindings"):
         b = doc.mapping(item, path, {"exchange", "queue", "routing_key", "arguments"})
@@ -354,15 +379,27 @@ def parse_topology(doc: Doc, node: yaml.Node | None, default: Topology) -> Topol
                 exchange=b.string("exchange", "", _NAME),
                 queue=b.string("queue", "", _NAME),
                 routing_key=b.get("routing_key", "", str, "a binding key"),
-                arguments=_arguments(b.scalars("arguments")),
+                arguments=_arguments(doc, b.scalars("arguments"), f"{path}.arguments"),
             )
         )
         for key in ("exchange", "queue"):
             if not b.has(key):
                 doc.fail(f"{path}.{key}", item, "required")
-    topology = Topology(
-        tuple(exchanges), tuple(queues), tuple(bindings), s.boolean("passive", False)
-    )
+    passive = s.boolean("passive", False)
+    if not passive:
+        for kind, names in (
+            ("exchanges", [e.name for e in exchanges]),
+            ("queues", [q.name for q in queues]),
+        ):
+            for i, name in enumerate(names):
+                if name.startswith("amq."):
+                    doc.fail(
+                        f"topology.{kind}[{i}].name",
+                        node,
+                        f"{name!r}: amq.* names belong to the broker and cannot be "
+                        "declared (use passive: true to rely on existing ones)",
+                    )
+    topology = Topology(tuple(exchanges), tuple(queues), tuple(bindings), passive)
     _check_names(doc, topology, node)
     return topology
 
@@ -407,8 +444,9 @@ def _check_names(doc: Doc, topology: Topology, node: yaml.Node) -> None:
 def check_route_exchanges(
     doc: Doc, routes: tuple[Route, ...], path: str, topology: Topology, unrouted: str
 ) -> None:
-    """A rule may only publish to an exchange the topology declares (or the unrouted one)."""
-    known = {e.name for e in topology.exchanges} | {unrouted}
+    """A rule may only publish to an exchange the topology names: publishing to one the broker
+    lacks makes it close the whole connection, failing every publish in flight with it."""
+    known = {e.name for e in topology.exchanges}
     for i, route in enumerate(routes):
         for j, target in enumerate(route.targets):
             if target.exchange and target.exchange not in known:

@@ -69,9 +69,7 @@ class Proxy:
             return
         self._writers.update((writer, up_writer))
 
-        async def pipe(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool
-        ) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
                     if self.latency:

@@ -492,3 +492,14 @@ async def test_outbox_keeps_events_through_an_outage_and_replays_them(
     messages = await take(queue, 20, seconds=20)
     assert sorted(m.message_id or "" for m in messages) == sorted(f"kept-{i}" for i in range(20))
     assert all(m.body == lightroom(m.message_id or "") for m in messages)
+
+
+async def test_a_reload_is_refused_while_the_broker_is_away() -> None:
+    from bridge.publisher import TopologyMissing
+    from bridge.rules import default_topology
+
+    config = make_config(amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    publisher = AmqpPublisher(config.broker, config.topology)
+    await publisher.apply_topology(config.topology)  # unchanged: nothing to do
+    with pytest.raises(TopologyMissing, match="not connected"):
+        await publisher.apply_topology(default_topology("x", "y", "z"))

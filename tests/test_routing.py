@@ -302,3 +302,49 @@ def test_a_registration_may_have_its_own_routes() -> None:
     a, b = config.registrations
     assert config.routes_for(a) == config.routes
     assert [r.name for r in config.routes_for(b)] == ["only-b"]
+
+
+@pytest.mark.parametrize(
+    ("topology", "problem"),
+    [
+        (
+            "  queues:\n    - {name: q, arguments: {x-max-length: 1.5}}\n",
+            "topology.queues[0].arguments.x-max-length: expected a string, true/false or a whole",
+        ),
+        (
+            "  queues:\n    - {name: q, type: classic, delivery_limit: 3}\n",
+            "topology.queues[0].delivery_limit: only quorum queues have a delivery limit",
+        ),
+        (
+            "  queues:\n    - {name: q, message_ttl_ms: 5000000000}\n",
+            "topology.queues[0].message_ttl_ms: at most 4294967295 ms",
+        ),
+        (
+            "  exchanges:\n    - {name: amq.topic}\n",
+            "topology.exchanges[0].name: 'amq.topic': amq.* names belong to the broker",
+        ),
+        (
+            "  exchanges:\n    - {name: adobe.events}\n",
+            "broker.unrouted_exchange: exchange 'adobe.unrouted' (where events no rule takes go)",
+        ),
+    ],
+)
+def test_topology_values_the_broker_would_refuse_are_config_errors(
+    topology: str, problem: str
+) -> None:
+    text = "registrations:\n  - {name: m, client_ids: [c]}\ntopology:\n" + topology
+    if "exchanges" not in topology:
+        text += (
+            "  exchanges:\n    - {name: adobe.events}\n    - {name: adobe.unrouted, type: fanout}\n"
+        )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "t.yaml", {})
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+def test_equals_compares_lists_too() -> None:
+    (event,) = parse_delivery(
+        b'{"eventid":"e","specversion":"1.0","type":"t","data":{"tags":["a","b"]}}'
+    ).events
+    router = rules(one_rule("{fields: [{pointer: /data/tags, equals: [a, b]}]}"))
+    assert keys(router, event) == HIT

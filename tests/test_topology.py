@@ -164,6 +164,7 @@ async def test_a_failing_consumer_lands_the_event_in_the_dead_letter_queue(
     await consumer.close()
     assert message is not None, "the event never reached the dead-letter queue"
     assert [e.attempt for e in seen] == [1, 2, 3]
+    assert {e.routing_key for e in seen} == {"lightroom-job-status.failed"}  # kept across retries
     assert seen[0].job is not None
     assert seen[0].job.status == "failed"
     assert seen[0].job.job_id == "eb4a9211-eb8a-4e88-b853-b9c08ba47427"
@@ -220,7 +221,9 @@ def test_passive_topology_missing_on_the_broker_stops_serve_with_one_line(
     config.write_text(
         "registrations:\n  - {name: d, client_ids: [c]}\n"
         "outbox:\n  dir: ${BRIDGE_OUTBOX_DIR}\n"
+        "broker:\n  unrouted_exchange: no.such.unrouted\n"
         "topology:\n  passive: true\n  exchanges:\n    - {name: no.such.exchange}\n"
+        "    - {name: no.such.unrouted}\n"
         "routes:\n  - {targets: [{exchange: no.such.exchange}]}\n"
     )
     env = {
@@ -236,11 +239,37 @@ def test_passive_topology_missing_on_the_broker_stops_serve_with_one_line(
     assert code == 1
     lines = daemon.log_file.read_text().splitlines()
     assert lines[-1] == (
-        "events-bridge: exchange 'no.such.exchange' missing on the broker (topology.passive)"
+        "events-bridge: exchange 'no.such.exchange', exchange 'no.such.unrouted' missing on the "
+        "broker (topology.passive)"
     )
     declared = cli("declare", "--config", str(config), env={"BRIDGE_AMQP_URL": amqp_url})
     assert declared.returncode == 1
     assert declared.stderr.strip() == (
-        "events-bridge: exchange 'no.such.exchange' missing on the "
+        "events-bridge: exchange 'no.such.exchange', exchange 'no.such.unrouted' missing on the "
         "broker (topology.passive is true)"
     )
+
+
+async def test_a_message_that_breaks_decoding_is_dead_lettered_not_stuck(
+    declared: Declared,
+    prefix: str,
+    amqp_url: str,
+) -> None:
+    exchange = await declared.channel.get_exchange(f"{prefix}.events")
+    body = b'{"event_id":"odd","event":{"body":{"status":"failed","outputs":5}}}'
+    await exchange.publish(aio_pika.Message(body, message_id="odd"), "x.failed")
+
+    async def never(_event: ReceivedEvent) -> None:
+        raise AssertionError("must not be called")
+
+    consumer = Consumer(amqp_url, f"{prefix}.jobs", never, retry_delay=0.1)
+    await consumer.start()
+    dead = await declared.channel.get_queue(f"{prefix}.jobs.dead")
+    message = None
+    deadline = time.monotonic() + 10
+    while message is None and time.monotonic() < deadline:
+        message = await dead.get(fail=False, no_ack=True)
+        await asyncio.sleep(0.05)
+    await consumer.close()
+    assert message is not None
+    assert message.message_id == "odd"

@@ -15,18 +15,35 @@ OUT = Path(__file__).resolve().parents[2] / ".local" / "faults.json"
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not ROWS:
         return
-    header = ("fault", "sent", "answered 2xx", "delivered", "duplicates", "loss", "phantom",
-              "slowest answer")
+    header = (
+        "fault",
+        "sent",
+        "answered 2xx",
+        "delivered",
+        "duplicates",
+        "loss",
+        "phantom",
+        "slowest answer",
+    )
     lines = [header] + [
-        (r["fault"], str(r["sent"]), str(r["ok"]), str(r["delivered"]), str(r["duplicates"]),
-         str(r["loss"]), str(r["phantom"]), f'{r["slowest"]:.2f} s')
+        (
+            r["fault"],
+            str(r["sent"]),
+            str(r["ok"]),
+            str(r["delivered"]),
+            str(r["duplicates"]),
+            str(r["loss"]),
+            str(r["phantom"]),
+            f"{r['slowest']:.2f} s",
+        )
         for r in ROWS
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     terminalreporter.write_sep("=", "fault suite")
     for n, line in enumerate(lines):
-        terminalreporter.write_line("  ".join(cell.ljust(w) for cell, w in zip(line, widths,
-                                                                              strict=True)))
+        terminalreporter.write_line(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+        )
         if n == 0:
             terminalreporter.write_line("  ".join("-" * w for w in widths))
     OUT.parent.mkdir(exist_ok=True)
