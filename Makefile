@@ -16,7 +16,7 @@ DEV_CLIENT_ID := events-bridge-dev
 SAMPLE := tests/data/adobe-samples/events/imaging_lightroom-job-status_succeeded.json
 PYTEST_ARGS ?=
 
-.PHONY: help install broker broker-stop run test check lint typecheck fmt lock clean
+.PHONY: help install broker broker-stop run test test-faults check lint typecheck fmt lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ run: install broker $(DEV_KEY)  ## serve on 127.0.0.1:8080 with development sett
 
 test: install broker  ## run the whole test suite against a real broker
 	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
+
+test-faults: install broker  ## the fault suite: broker, network and process faults under load
+	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
 
 lint:  ## ruff
 	$(BIN)/ruff check bridge tests deploy/examples/python

@@ -51,6 +51,8 @@ class Proxy:
         self._handlers.add(task)
         try:
             await self._forward(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stop() ends the connections it serves; that is not an error
         finally:
             self._handlers.discard(task)
 
