@@ -44,7 +44,13 @@ _MISSING_STATUSES: Final = frozenset({403, 404, 410})  # CloudFront/S3 answer 40
 
 
 class KeyMissing(Exception):
-    """There is no acceptable key at this path (a definite answer, cached briefly)."""
+    """There is no acceptable key at this path: a definite answer (401). The host saying "no
+    such key" is remembered for 10 s; unacceptable key material is not remembered at all, so a
+    host that serves a good key again is believed at once."""
+
+    def __init__(self, reason: str, remember: bool = True) -> None:
+        super().__init__(reason)
+        self.remember = remember
 
 
 class KeyStore:
@@ -104,8 +110,9 @@ class KeyStore:
             try:
                 key = await self._fetch(path)
             except KeyMissing as exc:
-                now = self._clock()
-                _store(self._misses, MAX_MISSES, now, path, (now + NEGATIVE_TTL, exc))
+                if exc.remember:
+                    now = self._clock()
+                    _store(self._misses, MAX_MISSES, now, path, (now + NEGATIVE_TTL, exc))
                 raise
         self._misses.pop(path, None)
         now = self._clock()
@@ -119,7 +126,7 @@ class KeyStore:
             try:
                 key = load_public_key(pem)
             except BadKey as exc:
-                raise KeyMissing(f"{path}: {exc}") from None
+                raise KeyMissing(f"{path}: {exc}", remember=False) from None
         except KeyMissing as exc:
             metrics.KEY_LOOKUPS.labels("missing").inc()
             log.warning("public_key_refused", key_path=path, reason=str(exc))
