@@ -151,6 +151,7 @@ class Outbox:
         self._wake_writer = asyncio.Event()
         self._wake_replayer = asyncio.Event()
         self._drained = asyncio.Event()  # set after every confirmed replay batch
+        self._io = asyncio.Lock()  # the writer's writes and the replayer's segment rotation
         self._tasks: list[asyncio.Task[None]] = []
         self.replayed = 0
 
@@ -289,7 +290,8 @@ class Outbox:
             data = b"".join(b"".join(frames) for frames, _, _ in batch)
             started = time.perf_counter()
             try:
-                ends = await asyncio.to_thread(self._write, data, [f for f, _, _ in batch])
+                async with self._io:
+                    ends = await asyncio.to_thread(self._write, data, [f for f, _, _ in batch])
             except OSError as exc:
                 self._bytes -= len(data)
                 metrics.OUTBOX_REFUSED.labels("write_failed").inc()
@@ -344,6 +346,16 @@ class Outbox:
     # -- replaying ------------------------------------------------------------------------------
 
     async def _replayer(self) -> None:
+        while True:
+            try:
+                await self._replay()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the replayer must outlive any one failure
+                log.error("outbox_replayer_failed", error=repr(exc), retry_in=1.0)
+                await asyncio.sleep(1.0)
+
+    async def _replay(self) -> None:
         delay = 0.2
         while True:
             if not self._pending:
@@ -365,7 +377,12 @@ class Outbox:
                 continue
             delay = 0.2
             last = batch[-1]
-            await asyncio.to_thread(self._write_cursor, last.segment, last.end)
+            try:
+                await asyncio.to_thread(self._write_cursor, last.segment, last.end)
+            except OSError as exc:
+                # Confirmed all the same: a restart before the cursor is written replays them
+                # again (duplicates, never a loss).
+                log.warning("outbox_cursor_write_failed", error=str(exc))
             for _ in batch:
                 done = self._pending.popleft()
                 self._bytes -= done.size
@@ -375,7 +392,22 @@ class Outbox:
             metrics.OUTBOX_DEPTH.set(self.depth)
             await asyncio.to_thread(self._forget_segments_before, last.segment)
             if not self._pending:
+                await self._start_afresh()
                 log.info("outbox_drained", replayed=self.replayed)
+
+    async def _start_afresh(self) -> None:
+        """Everything is confirmed: move to a new segment and delete the old ones, so the space
+        they take (a full disk, maybe) is free for the next outage."""
+        async with self._io:
+            if self._pending or self._segment_size == 0:
+                return
+            old = self._segment
+            self._segment += 1
+            await asyncio.to_thread(self._open_segment)
+            await asyncio.to_thread(self._forget_segments_before, self._segment)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self._write_cursor, self._segment, 0)
+            log.info("outbox_segment_recycled", segment=old)
 
     def _homed(self, message: Outbound) -> Outbound:
         if self.exchanges is None or message.exchange in self.exchanges:

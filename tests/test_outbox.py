@@ -122,6 +122,10 @@ async def test_replay_confirms_then_moves_the_cursor_and_survives_failures(
     await outbox.append([message(i) for i in range(150)])
     assert await outbox.drain(10)
     assert [m.message_id for m in publisher.published] == [f"m{i}" for i in range(150)]
+    await asyncio.sleep(0.2)
+    # Drained: the old segment is deleted, its space free for the next outage.
+    segments = list(tmp_path.glob("segment-*.log"))
+    assert [s.stat().st_size for s in segments] == [0]
     await outbox.close()
     again = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
     await again.open()

@@ -132,13 +132,15 @@ class Rig:
     async def settle(self, seconds: float = 60) -> None:
         """Wait until the daemon is connected and its outbox is empty."""
         deadline = time.monotonic() + seconds
+        state: dict[str, Any] = {}
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
                 state = await asyncio.to_thread(self._readyz)
                 if state["broker"] == "connected" and state["outbox_depth"] == 0:
                     return
             await asyncio.sleep(0.2)
-        raise AssertionError("the daemon did not drain its outbox")
+        tail = self.daemon.log_file.read_text()[-3000:] if self.daemon else ""
+        raise AssertionError(f"the daemon did not drain its outbox: {state}\n{tail}")
 
     def _readyz(self) -> dict[str, Any]:
         import urllib.request
@@ -420,6 +422,65 @@ async def test_bridge_sigterm_under_load(rig: Rig, table: list[dict[str, Any]]) 
         await rig.start()
 
     await check(rig, await load_with(rig, stop_and_restart), "bridge SIGTERM", table)
+
+
+async def test_unroutable_parked_by_the_alternate_exchange(
+    rig: Rig, table: list[dict[str, Any]]
+) -> None:
+    await rig.start()
+
+    async def unbind() -> None:  # nobody binds the events any more: the AE parks them
+        connection = await aio_pika.connect(rig.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(f"{rig.prefix}.all")
+            await queue.unbind(f"{rig.prefix}.events", routing_key="#")
+
+    await check(rig, await load_with(rig, unbind), "unroutable, with AE", table)
+
+
+async def test_unroutable_without_a_place_to_go(rig: Rig, table: list[dict[str, Any]]) -> None:
+    await rig.start()
+
+    async def break_the_ae() -> None:
+        # No binding and no unrouted queue: publishes come back (returned), the outbox keeps
+        # them, and the bridge declares its topology again, which heals the alternate exchange.
+        connection = await aio_pika.connect(rig.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(f"{rig.prefix}.all")
+            await queue.unbind(f"{rig.prefix}.events", routing_key="#")
+            await channel.queue_delete(f"{rig.prefix}.unrouted")
+
+    await check(rig, await load_with(rig, break_the_ae), "unroutable, AE broken", table)
+
+
+async def test_outbox_disk_full(rig: Rig, table: list[dict[str, Any]], tmp_path: Path) -> None:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        rig.env["BRIDGE_OUTBOX_DIR"] = str(mount)
+        await rig.start()
+
+        async def outage() -> None:
+            rig.proxy.down()  # everything goes to the 64 KiB outbox, which fills up: 503s
+            await asyncio.sleep(6)
+            rig.proxy.up()
+
+        sender = await load_with(rig, outage)
+        assert sender.ledger.statuses["503"] > 0, "the outbox never filled up"
+        await check(rig, sender, "outbox disk full", table)
+    finally:
+        if rig.daemon is not None:
+            rig.daemon.kill()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.usefixtures("private_node")
