@@ -152,7 +152,8 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
             "outbox": "off" if outbox is None else ("usable" if outbox.usable else "unusable"),
             "outbox_depth": 0 if outbox is None else outbox.depth,
         }
-        if chosen.ready or (outbox is not None and outbox.usable):
+        always = outbox is not None and config.outbox.mode == "always"
+        if (chosen.ready and not always) or (outbox is not None and outbox.usable):
             return json_response(200, {"status": "ready", **state})
         return json_response(503, {"status": "not_ready", **state}, {"Retry-After": "5"})
 

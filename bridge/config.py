@@ -339,6 +339,18 @@ def parse_config(
         if name in _SECTIONS:
             values[name] = _SECTIONS[name](doc, top.items.get(name))
     broker: BrokerConfig = values.get("broker", BrokerConfig())
+    server: ServerConfig | None = values.get("server")
+    if (
+        server is not None
+        and "broker" in values
+        and broker.publish_timeout + 1.0 > server.answer_deadline
+    ):
+        doc.fail(
+            "broker.publish_timeout",
+            None,
+            f"must be at least 1 s below server.answer_deadline ({server.answer_deadline:g}),"
+            " so an event the broker does not confirm still has time to reach the outbox",
+        )
     if "topology" in sections:
         values["topology"] = parse_topology(
             doc,

@@ -147,6 +147,8 @@ class Outbox:
         self._segment = 0
         self._segment_size = 0
         self._fd: int | None = None
+        self._rotate = False  # the current segment may hold a half-written frame: move on
+        self._write_failed = False
         self._queue: list[tuple[list[bytes], list[Outbound], asyncio.Future[None]]] = []
         self._wake_writer = asyncio.Event()
         self._wake_replayer = asyncio.Event()
@@ -161,7 +163,7 @@ class Outbox:
 
     @property
     def usable(self) -> bool:
-        return self._fd is not None and self._bytes < self.max_bytes
+        return self._fd is not None and self._bytes < self.max_bytes and not self._write_failed
 
     def _path(self, segment: int) -> Path:
         return self.folder / f"segment-{segment:012d}.log"
@@ -192,7 +194,11 @@ class Outbox:
     def _recover(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         cursor_segment, cursor_offset = self._read_cursor()
-        segments = sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("segment-*.log"))
+        segments = sorted(
+            int(p.stem.split("-")[1])
+            for p in self.folder.glob("segment-*.log")
+            if p.stem.split("-")[1].isdigit()
+        )
         for number in segments:
             path = self._path(number)
             if number < cursor_segment:
@@ -218,8 +224,8 @@ class Outbox:
                     self._pending.append(_Pending(number, end, message, end - previous))
                     self._bytes += end - previous
                 previous = end
-        self._segment = (segments[-1] + 1) if segments else max(cursor_segment, 0)
-        self._open_segment()
+        # Always a segment after everything there is, and after the cursor's.
+        self._open_segment(max(segments[-1] if segments else -1, cursor_segment) + 1)
 
     def _read_cursor(self) -> tuple[int, int]:
         try:
@@ -241,26 +247,36 @@ class Outbox:
         finally:
             os.close(directory)
 
-    def _open_segment(self) -> None:
+    def _open_segment(self, number: int | None = None) -> None:
+        """Switch writing to segment ``number`` (default: the current one). The new file is
+        opened before the old is closed, and nothing changes if the open fails."""
+        number = self._segment if number is None else number
         # A raw descriptor, no buffer: after a failed write nothing lingers to be flushed later.
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._segment_size = os.fstat(self._fd).st_size
+        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        old, self._fd, self._segment = self._fd, fd, number
+        self._segment_size = os.fstat(fd).st_size
+        self._rotate = False
+        if old is not None:
+            os.close(old)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for _, _, future in self._queue:
-            if not future.done():
-                future.set_exception(OutboxUnavailable("outbox_closed", "the outbox is closing"))
-        self._queue.clear()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        # Under the lock: a write or rotation running in a thread (which cancelling its task
+        # would not stop) finishes before the tasks go and the descriptor is closed.
+        async with self._io:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for _, _, future in self._queue:
+                if not future.done():
+                    future.set_exception(
+                        OutboxUnavailable("outbox_closed", "the outbox is closing")
+                    )
+            self._queue.clear()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -292,7 +308,8 @@ class Outbox:
             try:
                 async with self._io:
                     ends = await asyncio.to_thread(self._write, data, [f for f, _, _ in batch])
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure is a 503 for these appends
+                self._write_failed = True
                 self._bytes -= len(data)
                 metrics.OUTBOX_REFUSED.labels("write_failed").inc()
                 log.error(
@@ -303,6 +320,7 @@ class Outbox:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            self._write_failed = False
             metrics.OUTBOX_FSYNC_SECONDS.observe(time.perf_counter() - started)
             for (frames, messages, future), record_ends in zip(batch, ends, strict=True):
                 previous_sizes = [len(f) for f in frames]
@@ -317,9 +335,8 @@ class Outbox:
 
     def _write(self, data: bytes, frames: list[list[bytes]]) -> list[list[tuple[int, int]]]:
         """Write and fsync (in a thread); returns (segment, end offset) for every frame."""
-        if self._segment_size >= SEGMENT_BYTES:
-            self._segment += 1
-            self._open_segment()
+        if self._segment_size >= SEGMENT_BYTES or self._rotate:
+            self._open_segment(self._segment + 1)
         start = self._segment_size
         assert self._fd is not None
         try:
@@ -328,9 +345,14 @@ class Outbox:
                 view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
         except OSError:
-            # Leave no half-written frame behind (the next start would truncate it anyway).
+            # Leave no half-written frame behind: a frame after it would be cut off at the next
+            # start. If the file cannot be put back as it was, the next write starts a new one.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
+            try:
+                self._rotate = os.fstat(self._fd).st_size != start
+            except OSError:
+                self._rotate = True
             raise
         ends: list[list[tuple[int, int]]] = []
         offset = start
@@ -402,8 +424,7 @@ class Outbox:
             if self._pending or self._segment_size == 0:
                 return
             old = self._segment
-            self._segment += 1
-            await asyncio.to_thread(self._open_segment)
+            await asyncio.to_thread(self._open_segment, old + 1)
             await asyncio.to_thread(self._forget_segments_before, self._segment)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._write_cursor, self._segment, 0)
@@ -416,6 +437,8 @@ class Outbox:
 
     def _forget_segments_before(self, segment: int) -> None:
         for path in self.folder.glob("segment-*.log"):
+            if not path.stem.split("-")[1].isdigit():
+                continue
             number = int(path.stem.split("-")[1])
             if number < segment and number != self._segment:
                 path.unlink(missing_ok=True)

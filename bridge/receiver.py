@@ -268,7 +268,13 @@ class Receiver:
         _authorize(delivery, registration)
         context = RequestContext.from_headers(registration.name, datetime.now(UTC), headers)
         provider = context.copied.get("adobe-provider")
-        fresh = [e for e in delivery.events if self.recent is None or e.event_id not in self.recent]
+        # Per registration: the same event may legitimately reach two registrations.
+        seen_key = f"{registration.name}\n"
+        fresh = [
+            e
+            for e in delivery.events
+            if self.recent is None or seen_key + e.event_id not in self.recent
+        ]
         if len(fresh) < len(delivery.events):
             metrics.DUPLICATES.inc(len(delivery.events) - len(fresh))
             fields["duplicates"] = len(delivery.events) - len(fresh)
@@ -282,7 +288,7 @@ class Receiver:
         stored = await self._deliver(messages) if messages else False
         if self.recent is not None:
             for event in fresh:
-                self.recent.add(event.event_id)
+                self.recent.add(seen_key + event.event_id)
         for event, decision in decisions:
             if decision.dropped:
                 metrics.EVENTS_DROPPED.labels(decision.dropped_by or "").inc()

@@ -187,3 +187,16 @@ async def test_a_full_disk_is_a_503_never_a_200(tiny_disk: Path) -> None:
     await again.open()
     assert again.depth == before  # what was acknowledged is all there, nothing half-written
     await again.close()
+
+
+async def test_records_after_a_cursor_whose_segment_is_gone_are_kept(tmp_path: Path) -> None:
+    (tmp_path / "cursor").write_text("5 5000\n")
+    (tmp_path / "segment-notanumber.log").write_text("stray")
+    outbox = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
+    await outbox.open()
+    await outbox.append([message(1), message(2), message(3)])
+    await outbox.close()
+    again = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
+    await again.open()
+    assert again.depth == 3
+    await again.close()
