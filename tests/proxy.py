@@ -19,6 +19,7 @@ class Proxy:
         self.blackhole = False
         self.drop_replies = False
         self.latency = 0.0
+        self.cut_after: int | None = None  # tear each new connection after this many bytes
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -71,13 +72,23 @@ class Proxy:
             return
         self._writers.update((writer, up_writer))
 
+        budget = self.cut_after
+
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            nonlocal budget
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
                     if self.latency:
                         await asyncio.sleep(self.latency)
                     if self.blackhole or (replies and self.drop_replies):
                         continue
+                    if budget is not None and not replies:
+                        if len(data) >= budget:  # a torn frame: part of it, then the cut
+                            dst.write(data[:budget])
+                            await dst.drain()
+                            writer.transport.abort()
+                            break
+                        budget -= len(data)
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()

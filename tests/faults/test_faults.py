@@ -344,6 +344,24 @@ async def test_confirms_lost(rig: Rig, table: list[dict[str, Any]]) -> None:
     await check(rig, await load_with(rig, lose_confirms), "confirms lost 4 s", table)
 
 
+async def test_torn_frames(rig: Rig, table: list[dict[str, Any]]) -> None:
+    await rig.start()
+
+    async def tear() -> None:
+        size = 64  # the stair test: connections cut mid-frame after 64 B, 128 B, ... 4 KiB
+        while size <= 4096:
+            rig.proxy.cut_after = size
+            rig.proxy.down()
+            rig.proxy.up()
+            await asyncio.sleep(0.7)
+            size *= 2
+        rig.proxy.cut_after = None
+        rig.proxy.down()
+        rig.proxy.up()
+
+    await check(rig, await load_with(rig, tear), "torn frames 64 B-4 KiB", table)
+
+
 async def test_latency(rig: Rig, table: list[dict[str, Any]]) -> None:
     await rig.start()
 
