@@ -16,7 +16,7 @@ DEV_CLIENT_ID := events-bridge-dev
 SAMPLE := tests/data/adobe-samples/events/imaging_lightroom-job-status_succeeded.json
 PYTEST_ARGS ?=
 
-.PHONY: help install broker broker-stop run test test-faults check lint typecheck fmt lock clean
+.PHONY: help install broker broker-stop run test test-faults bench check lint typecheck fmt lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ test: install broker  ## run the whole test suite against a real broker
 
 test-faults: install broker  ## the fault suite: broker, network and process faults under load
 	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
+
+bench: install broker  ## benchmarks (tests/bench): events/s and ratios against aio-pika and a plain handler
+	BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/python tests/bench/run.py $(BENCH_ARGS)
 
 lint:  ## ruff
 	$(BIN)/ruff check bridge tests deploy/examples/python
