@@ -215,7 +215,12 @@ def _load(path: str, sections: tuple[str, ...] | None = None) -> Config:
 def run(main: Coroutine[Any, Any, int]) -> int:
     """``asyncio.run``, except that tasks a library leaves behind cannot hold the exit: they get
     a bounded time to end after cancellation (aio-pika's close ignores cancellation)."""
-    loop = asyncio.new_event_loop()
+    try:
+        import uvloop  # faster event loop where installed (Linux and macOS)
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(main)
     finally:
