@@ -215,6 +215,7 @@ def _load(path: str, sections: tuple[str, ...] | None = None) -> Config:
 def run(main: Coroutine[Any, Any, int]) -> int:
     """``asyncio.run``, except that tasks a library leaves behind cannot hold the exit: they get
     a bounded time to end after cancellation (aio-pika's close ignores cancellation)."""
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop  # faster event loop where installed (Linux and macOS)
 

@@ -146,7 +146,7 @@ class AmqpPublisher:
         self._name = connection_name
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._underlay: aiormq.abc.AbstractChannel | None = None
         self._lost = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -253,7 +253,7 @@ class AmqpPublisher:
             channel.close_callbacks.add(self._on_close)
             if not self._topology.passive:
                 await declare_topology(channel, self._topology)
-            self._exchanges = {}
+            self._underlay = await channel.get_underlay_channel()
         self._channel = channel
         metrics.BROKER_CONNECTS.labels("connected").inc()
         metrics.BROKER_READY.set(1)
@@ -267,7 +267,7 @@ class AmqpPublisher:
     async def _drop(self) -> None:
         metrics.BROKER_READY.set(0)
         self._channel = None
-        self._exchanges = {}
+        self._underlay = None
         connection = self._connection
         if connection is not None and not connection.is_closed:
             # aio-pika's close() awaits its close callbacks in a `finally`, so a cancellation (a
@@ -297,19 +297,18 @@ class AmqpPublisher:
                 raise result
 
     async def _publish_one(self, out: Outbound) -> None:
-        channel, exchange = self._channel, self._exchanges.get(out.exchange)
-        if channel is None or channel.is_closed:
+        channel, underlay = self._channel, self._underlay
+        if channel is None or channel.is_closed or underlay is None or underlay.is_closed:
             metrics.PUBLISH_FAILURES.labels("not_connected").inc()
             raise BrokerUnavailable("not_connected", "broker connection is not ready")
-        if exchange is None:
-            exchange = await channel.get_exchange(out.exchange, ensure=False)
-            self._exchanges[out.exchange] = exchange
-        message = aio_pika.Message(
-            body=out.body,
+        # Straight to aiormq's channel (the one aio-pika's wraps, opened with confirms and
+        # on_return_raises): aio-pika's Message and Exchange layers cost a quarter of the time
+        # of a request (profiled), and add nothing here.
+        properties = Basic.Properties(
             content_type=out.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=2,  # persistent
             message_id=out.message_id,
-            type=out.type,
+            message_type=out.type,
             timestamp=out.timestamp,
             app_id=out.app_id,
             headers=dict(out.headers),
@@ -319,7 +318,13 @@ class AmqpPublisher:
         try:
             async with asyncio.timeout(self._config.publish_timeout):
                 async with self._exclusive(out.message_id):
-                    result = await exchange.publish(message, out.routing_key, mandatory=True)
+                    result = await underlay.basic_publish(
+                        out.body,
+                        exchange=out.exchange,
+                        routing_key=out.routing_key,
+                        properties=properties,
+                        mandatory=True,
+                    )
             if isinstance(result, Basic.Ack):
                 metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
                 return
