@@ -206,12 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str, sections: tuple[str, ...] | None = None) -> Config:
-    if sections is None:
-        return load_config(path)
-    return load_config(path, sections=sections)
-
-
 def run(main: Coroutine[Any, Any, int]) -> int:
     """``asyncio.run``, except that tasks a library leaves behind cannot hold the exit: they get
     a bounded time to end after cancellation (aio-pika's close ignores cancellation)."""
@@ -235,7 +229,7 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     from bridge import logs
 
     logs.configure(config.logging.format, config.logging.level)
@@ -306,7 +300,7 @@ async def _serve(config: Config, path: str) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     from bridge.publisher import redacted
 
     regs = ", ".join(f"{r.name} at {r.path}" for r in config.registrations)
@@ -318,7 +312,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_declare(args: argparse.Namespace) -> int:
-    config = _load(args.config, ("broker", "topology"))
+    config = load_config(args.config, sections=("broker", "topology"))
     topology = config.topology
 
     async def declare() -> list[str]:
@@ -372,7 +366,7 @@ def cmd_declare(args: argparse.Namespace) -> int:
 def _route_registration(args: argparse.Namespace) -> Registration | None:
     """The registration `route` speaks for: --registration, or the only one there is."""
     try:
-        registrations = _load(args.config, ("broker", "registrations")).registrations
+        registrations = load_config(args.config, sections=("broker", "registrations")).registrations
     except ConfigError:
         if args.registration:
             raise
@@ -389,7 +383,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from bridge.adobe.envelope import parse_delivery
     from bridge.routing import Router
 
-    config = _load(args.config, ("broker", "topology", "routes"))
+    config = load_config(args.config, sections=("broker", "topology", "routes"))
     registration = _route_registration(args)
     routes = config.routes if registration is None else config.routes_for(registration)
     try:
@@ -475,7 +469,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from bridge.publisher import broker_url
     from bridge.tail import tail
 
-    config = _load(args.config, ("broker",))
+    config = load_config(args.config, sections=("broker",))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             tail(

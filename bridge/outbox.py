@@ -194,11 +194,7 @@ class Outbox:
     def _recover(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         cursor_segment, cursor_offset = self._read_cursor()
-        segments = sorted(
-            int(p.stem.split("-")[1])
-            for p in self.folder.glob("segment-*.log")
-            if p.stem.split("-")[1].isdigit()
-        )
+        segments = sorted(self._segments())
         for number in segments:
             path = self._path(number)
             if number < cursor_segment:
@@ -435,11 +431,17 @@ class Outbox:
             return message
         return dataclasses.replace(message, exchange=self.unrouted_exchange)
 
-    def _forget_segments_before(self, segment: int) -> None:
+    def _segments(self) -> dict[int, Path]:
+        """The segment files in the folder, by number (stray files are ignored)."""
+        found = {}
         for path in self.folder.glob("segment-*.log"):
-            if not path.stem.split("-")[1].isdigit():
-                continue
-            number = int(path.stem.split("-")[1])
+            number = path.stem.removeprefix("segment-")
+            if number.isdigit():
+                found[int(number)] = path
+        return found
+
+    def _forget_segments_before(self, segment: int) -> None:
+        for number, path in self._segments().items():
             if number < segment and number != self._segment:
                 path.unlink(missing_ok=True)
 

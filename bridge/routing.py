@@ -147,9 +147,9 @@ class _CompiledTarget:
 Check = Callable[[Facts], str | None]  # None when it holds, else why not
 
 
-def _glob_check(label: str, patterns: tuple[str, ...], get: Callable[[Facts], str | None]) -> Check:
+def _glob_check(label: str, patterns: tuple[str, ...], name: str) -> Check:
     def check(facts: Facts) -> str | None:
-        value = get(facts)
+        value = facts.value(name)
         if value is not None and any(fnmatchcase(value, p) for p in patterns):
             return None
         return f"{label} {value!r} matches none of {list(patterns)}"
@@ -192,15 +192,16 @@ class _CompiledRoute:
         self.targets = [_CompiledTarget(t) for t in route.targets]
         m = route.match
         self.checks: list[Check] = []
-        for label, patterns, get in (
-            ("event_code", m.event_code, lambda f: f.event.event_code),
-            ("status", m.status, lambda f: f.event.job_status or NO_VALUE),
-            ("org", m.org, lambda f: f.event.ims_org),
-            ("provider", m.provider, lambda f: f.provider),
-            ("registration", m.registration, lambda f: f.registration),
+        # matcher name, its globs, and the Facts value it reads (the template placeholder)
+        for label, patterns, name in (
+            ("event_code", m.event_code, "event_code"),
+            ("status", m.status, "status"),
+            ("org", m.org, "org_id"),
+            ("provider", m.provider, "provider"),
+            ("registration", m.registration, "registration"),
         ):
             if patterns:
-                self.checks.append(_glob_check(label, patterns, get))
+                self.checks.append(_glob_check(label, patterns, name))
         self.checks.extend(_field_check(field) for field in m.fields)
 
     def why_not(self, facts: Facts) -> str | None:
