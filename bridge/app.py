@@ -12,7 +12,9 @@ Routes: ``<registration path>`` (GET challenge, POST events), ``/healthz``, ``/r
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -27,6 +29,7 @@ from bridge.outbox import Outbox
 from bridge.publisher import AmqpPublisher, Publisher
 from bridge.receiver import Receiver, answer_middleware, json_response
 from bridge.verify import Verifier
+from bridge.workers import SINGLE, WorkerSpec, stranded_outbox_dirs
 
 log = structlog.get_logger("bridge.app")
 
@@ -79,8 +82,11 @@ async def _reload(app: web.Application, path: str) -> bool:
     return True
 
 
-def create_app(config: Config, publisher: Publisher | None = None) -> web.Application:
-    """The daemon's application. Pass ``publisher`` to replace the broker (HTTP-only tests)."""
+def create_app(
+    config: Config, publisher: Publisher | None = None, worker: WorkerSpec = SINGLE
+) -> web.Application:
+    """The daemon's application. Pass ``publisher`` to replace the broker (HTTP-only tests);
+    ``worker`` is which of ``serve --workers N`` this process is."""
     # Bodies are read and capped by the receiver itself, so aiohttp's own cap is set above ours.
     app = web.Application(
         middlewares=[answer_middleware], client_max_size=config.server.max_body_bytes + 1
@@ -94,15 +100,7 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
         AmqpPublisher(config.broker, config.topology) if publisher is None else publisher
     )
     app[PUBLISHER] = chosen
-    outbox = None
-    if config.outbox.mode != "off":
-        outbox = Outbox(
-            config.outbox.dir,
-            config.outbox.max_bytes,
-            chosen,
-            exchanges={e.name for e in config.topology.exchanges} or None,
-            unrouted_exchange=config.broker.unrouted_exchange,
-        )
+    outbox, stranded = _outboxes(config, chosen, worker)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         if config.verification.key_base_url.startswith("http://"):
@@ -120,6 +118,9 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
             await chosen.start()
         if outbox is not None:
             await outbox.open()
+        for leftover in stranded:
+            await leftover.open()
+            log.info("outbox_adopted", folder=str(leftover.folder), events=leftover.depth)
         log.info(
             "bridge_started", version=__version__, paths=[r.path for r in config.registrations]
         )
@@ -132,6 +133,10 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
                     "outbox_left_for_next_start", events=outbox.depth, folder=str(outbox.folder)
                 )
             await outbox.close()
+        for leftover in stranded:
+            await leftover.close()
+            if not leftover.depth:
+                shutil.rmtree(leftover.folder, ignore_errors=True)
         if owned and isinstance(chosen, AmqpPublisher):
             await chosen.close()
         await keys.close()
@@ -159,10 +164,32 @@ def create_app(config: Config, publisher: Publisher | None = None) -> web.Applic
 
     async def metrics_handler(_request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(metrics.registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     return app
+
+
+def _outboxes(
+    config: Config, publisher: Publisher, worker: WorkerSpec
+) -> tuple[Outbox | None, list[Outbox]]:
+    """This worker's outbox, and those that a run with more workers left behind (worker 0
+    replays them; nothing is appended to them)."""
+    if config.outbox.mode == "off":
+        return None, []
+    base = Path(config.outbox.dir)
+
+    def make(folder: Path) -> Outbox:
+        return Outbox(
+            folder,
+            config.outbox.max_bytes,
+            publisher,
+            exchanges={e.name for e in config.topology.exchanges} or None,
+            unrouted_exchange=config.broker.unrouted_exchange,
+        )
+
+    stranded = stranded_outbox_dirs(base, worker.count) if worker.index == 0 else []
+    return make(worker.outbox_dir(base)), [make(folder) for folder in stranded]

@@ -21,6 +21,7 @@ from typing import Any
 from bridge import __version__
 from bridge.config import Config, Registration, load_config
 from bridge.errors import BadRequest, ConfigError, Unavailable, UsageError
+from bridge.workers import SINGLE, WorkerSpec
 
 EX_CONFIG = 78
 DEFAULT_CONFIG = "config/bridge.yaml"
@@ -49,6 +50,14 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _worker_count(text: str) -> int:
+    from bridge.workers import MAX_WORKERS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_WORKERS}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="events-bridge",
@@ -64,9 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the daemon",
         description="Serve the webhook endpoints until SIGTERM or Ctrl-C. "
-        "Answers 503 until the broker is reachable; never exits for it.",
+        "Answers 503 until the broker is reachable; never exits for it. "
+        "SIGHUP reloads routes and topology from the config file.",
     )
     _config_arg(p)
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port (SO_REUSEPORT), each with its own broker "
+        "connection and outbox folder; about one per spare core (default: 1)",
+    )
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # K/N: set by the parent of N workers
 
     p = sub.add_parser(
         "check-config",
@@ -230,13 +249,25 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    import structlog
+
     from bridge import logs
+    from bridge.workers import supervise
 
     logs.configure(config.logging.format, config.logging.level)
-    return run(_serve(config, args.config))
+    if args.worker is not None:
+        worker = WorkerSpec.parse(args.worker)
+        structlog.contextvars.bind_contextvars(worker=worker.index)
+    elif args.workers > 1:
+        if config.server.port == 0:
+            raise UsageError("--workers needs a fixed server.port (0 would give each its own)")
+        return supervise(args.config, args.workers)
+    else:
+        worker = SINGLE
+    return run(_serve(config, args.config, worker))
 
 
-async def _serve(config: Config, path: str) -> int:
+async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     import structlog
     from aiohttp import web
 
@@ -244,7 +275,7 @@ async def _serve(config: Config, path: str) -> int:
     from bridge.publisher import AmqpPublisher
 
     log = structlog.get_logger("bridge.cli")
-    app = create_app(config)
+    app = create_app(config, worker=worker)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout
     )
@@ -252,7 +283,13 @@ async def _serve(config: Config, path: str) -> int:
         await runner.setup()
     except Unavailable as exc:  # the outbox folder cannot be opened
         raise UsageError(exc.detail) from None
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+    site = web.TCPSite(
+        runner,
+        config.server.host,
+        config.server.port,
+        backlog=1024,
+        reuse_port=worker.count > 1 or None,
+    )
     try:
         await site.start()
     except OSError as exc:

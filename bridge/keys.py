@@ -78,6 +78,21 @@ class KeyStore:
             await self._session.close()
             self._session = None
 
+    def cached(self, path: str) -> rsa.RSAPublicKey | KeyMissing | None:
+        """The key (or the remembered miss) for ``path`` when the cache answers; else None.
+
+        The hot path of every request: no task, no await."""
+        now = self._clock()
+        known = self._keys.get(path)
+        if known is not None and known[0] > now:
+            metrics.KEY_LOOKUPS.labels("cached").inc()
+            return known[1]
+        miss = self._misses.get(path)
+        if miss is not None and miss[0] > now:
+            metrics.KEY_LOOKUPS.labels("cached").inc()
+            return miss[1]
+        return None
+
     async def get(self, path: str) -> rsa.RSAPublicKey:
         if not key_path_allowed(path):  # the receiver checks first; this is the last guard
             raise KeyMissing(f"key path not allowed: {path!r}")

@@ -6,9 +6,22 @@ delivery id or a job id; event codes only on counters of published events.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def registry() -> CollectorRegistry:
+    """What ``/metrics`` reports: this process's metrics, or with ``serve --workers N`` (which
+    sets ``PROMETHEUS_MULTIPROC_DIR``) those of all workers together."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+    return combined
+
 
 REQUESTS = Counter(
     "bridge_requests",
@@ -67,6 +80,7 @@ DUPLICATES = Counter(
 OUTBOX_DEPTH = Gauge(
     "bridge_outbox_depth",
     "Events in the outbox, accepted and waiting for the broker.",
+    multiprocess_mode="livesum",
     registry=REGISTRY,
 )
 OUTBOX_REPLAYED = Counter(
@@ -88,7 +102,8 @@ OUTBOX_FSYNC_SECONDS = Histogram(
 )
 BROKER_READY = Gauge(
     "bridge_broker_ready",
-    "1 while the publish channel to the broker is open.",
+    "1 while the publish channel to the broker is open (with workers: every worker's).",
+    multiprocess_mode="livemin",
     registry=REGISTRY,
 )
 BROKER_CONNECTS = Counter(

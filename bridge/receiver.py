@@ -64,7 +64,6 @@ JSON_TYPES: Final = frozenset(
 # Adobe's challenge values are UUIDs; accept a little more, never markup or quotes.
 CHALLENGE: Final = re.compile(r"^[A-Za-z0-9._~-]{1,256}$")
 VALIDATION_PEEK_BYTES: Final = 4096
-CHUNK: Final = 64 * 1024
 
 
 def json_response(
@@ -208,20 +207,22 @@ class Receiver:
         if self.in_flight >= self.config.server.max_in_flight:
             raise TooManyRequests("too_many_requests", "too many requests in flight")
         self.in_flight += 1
+        receiving = True
         try:
-            deadline = asyncio.get_running_loop().time() + self.config.server.answer_deadline
-            body = await self._receive(request, deadline)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    return await self._process(request, registration, router, body, fields)
-            except TimeoutError:
-                raise Unavailable(
-                    "deadline", "could not finish within the answer deadline"
-                ) from None
+            # One timer for the whole request, the body's arrival included.
+            async with asyncio.timeout(self.config.server.answer_deadline):
+                body = await self._receive(request)
+                receiving = False
+                return await self._process(request, registration, router, body, fields)
+        except TimeoutError:
+            if receiving:
+                # 503, not 408: Adobe retries only 429 and 5xx, and a slow link may be Adobe's.
+                raise Unavailable("body_timeout", "the body did not arrive in time") from None
+            raise Unavailable("deadline", "could not finish within the answer deadline") from None
         finally:
             self.in_flight -= 1
 
-    async def _receive(self, request: web.Request, deadline: float) -> bytes:
+    async def _receive(self, request: web.Request) -> bytes:
         if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
             raise UnsupportedMediaType(
                 "unsupported_media_type", f"content type {request.content_type!r} is not JSON"
@@ -229,17 +230,14 @@ class Receiver:
         limit = self.config.server.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge("body_too_large", f"body over the {limit}-byte limit")
-        body = bytearray()
-        try:
-            async with asyncio.timeout_at(deadline):
-                async for chunk in request.content.iter_chunked(CHUNK):
-                    body += chunk
-                    if len(body) > limit:
-                        raise PayloadTooLarge("body_too_large", f"body over the {limit}-byte limit")
-        except TimeoutError:
-            # 503, not 408: Adobe retries only 429 and 5xx, and a slow link may be Adobe's.
-            raise Unavailable("body_timeout", "the body did not arrive in time") from None
-        return bytes(body)
+        content = request.content
+        chunks, size = [], 0
+        while chunk := await content.readany():  # usually one: the body came with the headers
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge("body_too_large", f"body over the {limit}-byte limit")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _process(
         self,
