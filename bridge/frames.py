@@ -42,9 +42,12 @@ def _shortstr(text: str) -> bytes:
 
 def _table(values: dict[str, str]) -> bytes:
     parts = []
-    for name, value in values.items():
+    for name, value in sorted(values.items()):  # sorted, as pamqp does
+        key = name.encode()
+        if len(key) > 128:  # AMQP field names; the config refuses longer ones
+            raise ValueError(f"AMQP header name over 128 bytes: {name[:40]!r}…")
         data = value.encode()
-        parts.append(_shortstr(name) + b"S" + len(data).to_bytes(4, "big") + data)
+        parts.append(bytes((len(key),)) + key + b"S" + len(data).to_bytes(4, "big") + data)
     body = b"".join(parts)
     return len(body).to_bytes(4, "big") + body
 

@@ -267,10 +267,26 @@ class AmqpPublisher:
 
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         metrics.BROKER_READY.set(0)
+        self._fail_unconfirmed(self._underlay, exc)
         self._lost.set()
+
+    @staticmethod
+    def _fail_unconfirmed(
+        underlay: aiormq.abc.AbstractChannel | None, exc: BaseException | None
+    ) -> None:
+        """A closed channel will confirm nothing more: fail its publishes now, not at their
+        timeout (aiormq's own ``basic_publish`` does the same while it waits)."""
+        if not isinstance(underlay, aiormq.Channel):
+            return
+        for confirmation in list(underlay.confirmations.values()):
+            if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+                confirmation.set_exception(
+                    aiormq.exceptions.ChannelClosed(None, f"channel closed: {exc!r}")
+                )
 
     async def _drop(self) -> None:
         metrics.BROKER_READY.set(0)
+        self._fail_unconfirmed(self._underlay, None)
         self._channel = None
         self._underlay = None
         # Frames not yet handed to the old connection die with it (its close rejects their

@@ -35,6 +35,7 @@ import yaml
 
 from bridge.yamldoc import Doc
 
+MAX_HEADER_NAME_BYTES = 128
 EXCHANGE_TYPES = ("topic", "direct", "fanout", "headers")
 QUEUE_TYPES = ("quorum", "classic")
 OVERFLOWS = ("drop-head", "reject-publish", "reject-publish-dlx")
@@ -227,6 +228,13 @@ def _target(doc: Doc, path: str, node: yaml.Node) -> TargetSpec:
         doc.fail(f"{path}.exchange", node, "required: the exchange to publish to")
     routing_key = s.get("routing_key", DEFAULT_ROUTING_KEY, str, "a routing key template")
     headers = {name: str(value) for name, value in s.scalars("headers").items()}
+    for name in headers:
+        if not 0 < len(name.encode()) <= MAX_HEADER_NAME_BYTES:
+            doc.fail(
+                f"{path}.headers.{name}",
+                node,
+                f"a header name must be 1 to {MAX_HEADER_NAME_BYTES} bytes (AMQP field names)",
+            )
     for name, template in [("routing_key", routing_key)] + [
         (f"headers.{k}", v) for k, v in headers.items()
     ]:

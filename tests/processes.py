@@ -41,7 +41,7 @@ def cli(
 class Daemon:
     """``events-bridge serve`` in a subprocess; JSON logs collected in a file."""
 
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
+    def __init__(self, config: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         # Each daemon its own outbox: one test's backlog must never replay into another's.
         env = {"BRIDGE_OUTBOX_DIR": tempfile.mkdtemp(prefix="bridge-outbox-"), **env}
         self.env = env
@@ -50,7 +50,7 @@ class Daemon:
         self.log_file = Path(tempfile.mkstemp(prefix="bridge-", suffix=".log")[1])
         with self.log_file.open("w") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+                [sys.executable, "-m", "bridge", "serve", *args, "--config", str(config)],
                 cwd=ROOT,
                 env={**os.environ, **env},
                 stdout=subprocess.DEVNULL,

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -51,6 +50,13 @@ class Client(asyncio.Protocol):
         self.send()
 
     def send(self) -> None:
+        slot = self.run.slot()
+        if slot is not None:  # paced (--rate): wait for this request's turn
+            asyncio.get_running_loop().call_at(slot, self.send_now)
+            return
+        self.send_now()
+
+    def send_now(self) -> None:
         item = self.run.next_request()
         if item is None or self.transport is None:
             if self.transport is not None:
@@ -78,6 +84,7 @@ class Client(asyncio.Protocol):
         del self.buffer[: end + 4 + length]
         status = int(head[0].split(" ", 2)[1])
         self.run.answered(status, time.perf_counter() - self.started, self.events)
+        self.events = []
         self.send()
 
     def fail(self, why: str) -> None:
@@ -86,21 +93,33 @@ class Client(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.events and self.started:
+        if self.events:  # a request was in flight
             self.run.others["connection_lost"] = self.run.others.get("connection_lost", 0) + 1
         if not self.closed.done():
             self.closed.set_result(None)
 
 
 class Run:
-    def __init__(self, requests: list[tuple[bytes, list[str]]], seconds: float) -> None:
+    def __init__(
+        self, requests: list[tuple[bytes, list[str]]], seconds: float, rate: float = 0
+    ) -> None:
         self.requests = requests
+        self.rate = rate
+        self.reserved = 0
+        self.first_slot = asyncio.get_running_loop().time()
         self.next_index = 0
         self.deadline = time.monotonic() + seconds
         self.latencies: list[float] = []
         self.ok_requests = 0
         self.ids: list[str] = []
         self.others: dict[str, int] = {}
+
+    def slot(self) -> float | None:
+        """With a rate: the loop time at which the next request may go (None: at once)."""
+        if not self.rate:
+            return None
+        self.reserved += 1
+        return self.first_slot + self.reserved / self.rate
 
     def next_request(self) -> tuple[bytes, list[str]] | None:
         if self.next_index >= len(self.requests) or time.monotonic() >= self.deadline:
@@ -124,6 +143,7 @@ async def main() -> None:
     parser.add_argument("requests", type=Path, help="JSON lines: {body, headers, events}")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rate", type=float, default=0, help="requests/s in all (0: no limit)")
     args = parser.parse_args()
     url = urlsplit(args.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -134,7 +154,7 @@ async def main() -> None:
         requests.append((data, item["events"]))
     loop = asyncio.get_running_loop()
     cpu_before = time.process_time()
-    run = Run(requests, args.seconds)
+    run = Run(requests, args.seconds, args.rate)
     started = time.monotonic()
     clients = []
     for _ in range(args.connections):

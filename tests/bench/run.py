@@ -208,9 +208,31 @@ async def cleanup(amqp_url: str, prefix: str) -> None:
             await channel.exchange_delete(f"{prefix}.{name}")
 
 
+def aio_pika_alone(amqp_url: str, prefix: str, seconds: float, loop: str) -> dict[str, Any]:
+    """(a) in a process of its own, on the standard asyncio loop or on uvloop."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "run.py"),
+            "--aio-pika-alone",
+            amqp_url,
+            prefix,
+            str(seconds),
+            loop,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 async def bench_aio_pika(amqp_url: str, prefix: str, seconds: float) -> dict[str, Any]:
     body = orjson.dumps(LIGHTROOM)
     connection = await aio_pika.connect(amqp_url)
+    cpu_before = time.process_time()
     sent = 0
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -229,7 +251,11 @@ async def bench_aio_pika(amqp_url: str, prefix: str, seconds: float) -> dict[str
 
         await asyncio.gather(*(worker() for _ in range(64)))
         elapsed = time.monotonic() - started
-    return {"events_per_s": sent / elapsed, "events": sent}
+    return {
+        "events_per_s": sent / elapsed,
+        "events": sent,
+        "client_cpu_us_per_event": (time.process_time() - cpu_before) / sent * 1e6,
+    }
 
 
 def bridge_config(prefix: str, port: int, amqp_url: str, outbox: str) -> Path:
@@ -240,7 +266,7 @@ server: {{port: {port}, max_in_flight: 4096}}
 verification: {{key_base_url: "file://{CACHE / "keys"}"}}
 registrations: [{{name: bench, path: /webhook, client_ids: [{CLIENT_ID}]}}]
 outbox: {{dir: "{outbox}", mode: fallback}}
-logging: {{format: json, level: warning}}
+logging: {{format: json, level: info}}
 topology:
   exchanges:
     - {{name: {prefix}.events, type: topic, alternate_exchange: {prefix}.unrouted}}
@@ -272,51 +298,102 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def run(seconds: float, memory_seconds: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc), or 0 when it is not ours to see."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its children (the workers of ``serve --workers N``)."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [pid, *(int(p) for p in found.stdout.split())]
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ node's Erlang VM, to count its CPU per event (None when remote)."""
+    found = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True, check=False)
+    pids = found.stdout.split()
+    return int(pids[0]) if len(pids) == 1 else None
+
+
+async def measured(
+    server: subprocess.Popen[bytes], url: str, requests: Path, seconds: float
+) -> dict[str, Any]:
+    """Run the load against a ready server; add CPU microseconds per event of each party."""
+    pids, broker = family(server.pid), broker_pid()
+    server_before = sum(cpu_seconds(p) for p in pids)
+    broker_before = cpu_seconds(broker) if broker else 0.0
+    out = await asyncio.to_thread(load, url, requests, seconds)
+    server_cpu = sum(cpu_seconds(p) for p in pids) - server_before
+    broker_cpu = (cpu_seconds(broker) - broker_before) if broker else None
+    events = max(1, out["events"])
+    return {
+        **out,
+        "cpu_us_per_event": {
+            "server": server_cpu / events * 1e6,
+            "broker": None if broker_cpu is None else broker_cpu / events * 1e6,
+            "load_generator": out["cpu_s"] / events * 1e6,
+        },
+    }
+
+
+async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, Any]:
     amqp_url = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    results: dict[str, Any] = {"seconds": seconds}
-    singles = requests_file("single", int(seconds * 4000), 1)
-    batches = requests_file("batch20", int(seconds * 400), 20)
+    results: dict[str, Any] = {"seconds": seconds, "workers": workers, "cpus": os.cpu_count()}
+    singles = requests_file("single", int(seconds * 8000), 1)
+    batches = requests_file("batch20", int(seconds * 800), 20)
 
     prefix = f"bench.{uuid.uuid4().hex[:6]}"
     await declare(amqp_url, prefix)
     try:
-        print("bench: (a) aio-pika alone", file=sys.stderr, flush=True)
-        results["a_aio_pika"] = await bench_aio_pika(amqp_url, prefix, seconds)
+        for key, loop in (("a_aio_pika", "asyncio"), ("a_aio_pika_uvloop", "uvloop")):
+            print(f"bench: ({key[0]}) aio-pika alone, {loop} loop", file=sys.stderr, flush=True)
+            results[key] = await asyncio.to_thread(aio_pika_alone, amqp_url, prefix, seconds, loop)
 
         print("bench: (b) plain aiohttp + aio-pika handler", file=sys.stderr, flush=True)
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, str(HERE / "baseline.py"), amqp_url, f"{prefix}.events", str(port)]
+            [sys.executable, str(HERE / "baseline.py"), amqp_url, f"{prefix}.events", str(port)],
+            stderr=subprocess.DEVNULL,
         )
         try:
             await asyncio.sleep(1.5)
-            out = await asyncio.to_thread(
-                load, f"http://127.0.0.1:{port}/webhook", singles, seconds
-            )
+            out = await measured(server, f"http://127.0.0.1:{port}/webhook", singles, seconds)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
-        results["b_baseline"] = {**_rates(out), "ids": None}
+        results["b_baseline"] = _rates(out)
 
         for key, requests, label in (
             ("c_bridge_single", singles, "(c) single deliveries"),
             ("d_bridge_batch20", batches, "(d) batches of 20"),
         ):
-            print(f"bench: {label}", file=sys.stderr, flush=True)
+            print(f"bench: {label}, {workers} worker(s)", file=sys.stderr, flush=True)
             before = await queued(amqp_url, prefix)
             port = free_port()
             config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bridge",
+                    "serve",
+                    "--workers",
+                    str(workers),
+                    "--config",
+                    str(config),
+                ],
                 cwd=ROOT,
                 stderr=subprocess.DEVNULL,
             )
             try:
                 await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz")
-                out = await asyncio.to_thread(
-                    load, f"http://127.0.0.1:{port}/webhook", requests, seconds
-                )
+                await asyncio.sleep(1.0)  # every worker connected, not only the first
+                out = await measured(daemon, f"http://127.0.0.1:{port}/webhook", requests, seconds)
             finally:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(timeout=60)
@@ -328,7 +405,7 @@ async def run(seconds: float, memory_seconds: float) -> dict[str, Any]:
                     f"{after - before} in the queue"
                 )
         if memory_seconds > 0:
-            results["e_memory"] = await memory(amqp_url, prefix, memory_seconds)
+            results["e_memory"] = await memory(amqp_url, prefix, memory_seconds, workers)
     finally:
         await cleanup(amqp_url, prefix)
     a = results["a_aio_pika"]["events_per_s"]
@@ -339,21 +416,32 @@ async def run(seconds: float, memory_seconds: float) -> dict[str, Any]:
     return results
 
 
-async def memory(amqp_url: str, prefix: str, seconds: float) -> dict[str, Any]:
+async def memory(amqp_url: str, prefix: str, seconds: float, workers: int) -> dict[str, Any]:
     print(f"bench: (e) memory under steady load for {seconds:.0f} s", file=sys.stderr, flush=True)
-    requests = requests_file("memory", int(seconds * 150), 1)
+    requests = requests_file("memory", int(seconds * 400), 1)
     port = free_port()
     config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "serve",
+            "--workers",
+            str(workers),
+            "--config",
+            str(config),
+        ],
         cwd=ROOT,
         stderr=subprocess.DEVNULL,
     )
     samples: list[tuple[float, float]] = []
     try:
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz")
+        await asyncio.sleep(1.0)
         started = time.monotonic()
-        # A gentle steady load: 4 connections over the whole window.
+        # A steady load well below the peak (about 400 requests/s over 8 connections), so the
+        # figure is about memory, not about a machine at its limit.
         loader = asyncio.create_task(
             asyncio.to_thread(
                 subprocess.run,
@@ -363,18 +451,23 @@ async def memory(amqp_url: str, prefix: str, seconds: float) -> dict[str, Any]:
                     f"http://127.0.0.1:{port}/webhook",
                     str(requests),
                     "--connections",
-                    "4",
+                    "8",
                     "--seconds",
                     str(seconds),
+                    "--rate",
+                    "400",
                 ],
                 capture_output=True,
                 check=True,
             )
         )
         while not loader.done():
-            samples.append((time.monotonic() - started, rss_mb(daemon.pid)))
+            # The largest worker: the limit is per worker.
+            workers_only = family(daemon.pid)[1:] or [daemon.pid]
+            samples.append((time.monotonic() - started, max(rss_mb(p) for p in workers_only)))
             await asyncio.sleep(5)
-        await loader
+        done = await loader
+        out = json.loads(done.stdout)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
@@ -384,6 +477,8 @@ async def memory(amqp_url: str, prefix: str, seconds: float) -> dict[str, Any]:
         "rss_mb_after_first_minute": first_minute,
         "rss_mb_at_end": last,
         "growth": last / first_minute - 1,
+        "requests": out["requests"],
+        "others": out["others"],
         "samples": samples,
     }
 
@@ -397,34 +492,66 @@ def _rates(out: dict[str, Any]) -> dict[str, Any]:
         "events": out["events"],
         "others": out["others"],
         "exhausted": out["exhausted"],
+        "cpu_us_per_event": out["cpu_us_per_event"],
     }
 
 
+def _cpu(row: dict[str, Any], party: str) -> str:
+    value = row.get("cpu_us_per_event", {}).get(party)
+    return f"{value:>8.0f}" if value is not None else f"{'':>8}"
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--aio-pika-alone":
+        amqp_url, prefix, seconds, loop = sys.argv[2:6]
+        coroutine = bench_aio_pika(amqp_url, prefix, float(seconds))
+        if loop == "uvloop":
+            import uvloop
+
+            result = uvloop.run(coroutine)
+        else:
+            result = asyncio.run(coroutine)
+        print(json.dumps(result))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per scenario")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="serve --workers (default: cpus)"
+    )
     args = parser.parse_args()
     memory_seconds = float(os.environ.get("BENCH_MEMORY_SECONDS", "300"))
-    results = asyncio.run(run(args.seconds, memory_seconds))
+    results = asyncio.run(run(args.seconds, memory_seconds, args.workers))
     out = ROOT / ".local" / "bench.json"
     out.write_text(json.dumps(results, indent=2))
-    print(f"\n{'scenario':<28}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    for key in ("a_aio_pika", "b_baseline", "c_bridge_single", "d_bridge_batch20"):
+    print(
+        f"\n{'scenario':<24}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU µs per event: server':>26}{'broker':>8}{'loadgen':>8}"
+    )
+    for key in (
+        "a_aio_pika",
+        "a_aio_pika_uvloop",
+        "b_baseline",
+        "c_bridge_single",
+        "d_bridge_batch20",
+    ):
         row = results[key]
+        server = row.get("client_cpu_us_per_event", row.get("cpu_us_per_event", {}).get("server"))
         print(
-            f"{key:<28}{row['events_per_s']:>10.0f}{row.get('p50_ms', 0):>9.1f}"
-            f"{row.get('p99_ms', 0):>9.1f}"
+            f"{key:<24}{row['events_per_s']:>10.0f}{row.get('p50_ms', 0):>9.1f}"
+            f"{row.get('p99_ms', 0):>9.1f}{server or 0:>26.0f}{_cpu(row, 'broker')}"
+            f"{_cpu(row, 'load_generator')}"
         )
     ratios = results["ratios"]
     print(
-        f"\nratios: (c)/(b) = {ratios['c/b']:.2f}   (c)/(a) = {ratios['c/a']:.2f}   "
-        f"(d)/(a) = {ratios['d/a']:.2f}"
+        f"\nratios (workers={results['workers']}): (c)/(b) = {ratios['c/b']:.2f}   "
+        f"(c)/(a) = {ratios['c/a']:.2f}   (d)/(a) = {ratios['d/a']:.2f}"
     )
     if "e_memory" in results:
         e = results["e_memory"]
         print(
-            f"memory: {e['rss_mb_after_first_minute']:.1f} MB after the first minute, "
-            f"{e['rss_mb_at_end']:.1f} MB at the end ({e['growth']:+.1%})"
+            f"memory (largest worker): {e['rss_mb_after_first_minute']:.1f} MB after the first "
+            f"minute, {e['rss_mb_at_end']:.1f} MB at the end ({e['growth']:+.1%}), "
+            f"{e['requests']} requests, others {e['others']}"
         )
     print(f"results: {out}")
 

@@ -1,0 +1,199 @@
+"""``serve --workers N``: processes sharing the port, each publishing; the parent passes on
+signals, stops everything when one worker dies, and /metrics adds up all workers. Real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import aio_pika
+import orjson
+
+from bridge.config import BrokerConfig
+from bridge.message import Outbound
+from bridge.outbox import Outbox
+from bridge.workers import WorkerSpec, stranded_outbox_dirs
+from tests.helpers import CLIENT_ID, EVENTS, FakePublisher, SigningKey, key_folder
+from tests.processes import Daemon, free_port
+from tests.test_cli import isolated_config
+
+LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
+
+
+def post(url: str, signer: SigningKey, event_id: str) -> int:
+    """One request on a connection of its own, so the kernel picks a worker each time."""
+    body = orjson.dumps({**LIGHTROOM, "event_id": event_id, "recipientclientid": CLIENT_ID})
+    request = urllib.request.Request(
+        url + "/webhook", data=body, method="POST", headers=signer.headers(body)
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        status: int = response.status
+        return status
+
+
+def env_for(tmp_path: Path, signer: SigningKey, amqp_url: str) -> dict[str, str]:
+    return {
+        "BRIDGE_CLIENT_IDS": CLIENT_ID,
+        "BRIDGE_KEY_BASE_URL": key_folder(tmp_path / "keys", signer),
+        "BRIDGE_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "BRIDGE_LOG_FORMAT": "json",
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_AMQP_URL": amqp_url,
+    }
+
+
+def wait_for(daemon: Daemon, event: str, count: int, seconds: float = 20) -> list[int]:
+    """Workers (by index) that logged ``event``, once ``count`` of them have."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = sorted({line["worker"] for line in daemon.logs() if line["event"] == event})
+        if len(found) >= count:
+            return found
+        assert daemon.process.poll() is None, daemon.log_file.read_text()
+        assert time.monotonic() < deadline, f"{event}: only workers {found}"
+        time.sleep(0.1)
+
+
+async def drain(amqp_url: str, queue: str, expected: int) -> list[str]:
+    connection = await aio_pika.connect(amqp_url)
+    ids: list[str] = []
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue, ensure=False)
+        deadline = time.monotonic() + 20
+        while len(ids) < expected and time.monotonic() < deadline:
+            message = await source.get(fail=False, no_ack=True)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            ids.append(message.message_id or "")
+        await asyncio.sleep(0.3)  # nothing more should come
+        while (message := await source.get(fail=False, no_ack=True)) is not None:
+            ids.append(message.message_id or "")
+    return ids
+
+
+async def test_two_workers_share_the_port_publish_reload_and_stop_cleanly(
+    tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
+) -> None:
+    signer = SigningKey.generate()
+    config = isolated_config(tmp_path, forget_topology)
+    prefix = forget_topology[-1].exchange.removesuffix(".events")
+    daemon = Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2"))
+    try:
+        await asyncio.to_thread(wait_for, daemon, "broker_connected", 2)
+        statuses = [await asyncio.to_thread(post, daemon.url, signer, f"w{i}") for i in range(40)]
+        assert statuses == [200] * 40
+        ids = await drain(amqp_url, f"{prefix}.unrouted", 40)
+        assert sorted(ids) == sorted(f"w{i}" for i in range(40))
+        # Both workers took requests: 40 connections spread by the kernel.
+        handled = [line for line in daemon.logs() if line["event"] == "webhook_handled"]
+        assert {line["worker"] for line in handled} == {0, 1}
+        # /metrics, whichever worker answers, counts the requests of both.
+        with urllib.request.urlopen(daemon.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        answered = sum(
+            float(value)
+            for value in re.findall(
+                r'^bridge_requests_total\{[^}]*status="200"[^}]*\} (\S+)$', text, re.MULTILINE
+            )
+        )
+        assert answered == 40
+        # SIGHUP reaches every worker.
+        daemon.process.send_signal(signal.SIGHUP)
+        assert await asyncio.to_thread(wait_for, daemon, "config_reloaded", 2) == [0, 1]
+        code, logs = await asyncio.to_thread(daemon.stop)
+    finally:
+        daemon.kill()
+    assert code == 0
+    assert sorted(line["worker"] for line in logs if line["event"] == "bridge_stopped") == [0, 1]
+    assert any(line["event"] == "workers_stopped" for line in logs)
+
+
+async def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
+    tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
+) -> None:
+    signer = SigningKey.generate()
+    config = isolated_config(tmp_path, forget_topology)
+    daemon = Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2"))
+    try:
+        await asyncio.to_thread(wait_for, daemon, "broker_connected", 2)
+        (started,) = [line for line in daemon.logs() if line["event"] == "workers_started"]
+        victim = started["pids"][1]
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.to_thread(daemon.process.wait, 30)
+        logs = daemon.logs()
+    finally:
+        daemon.kill()
+    assert daemon.process.returncode == 1
+    exited = [line for line in logs if line["event"] == "worker_exited"]
+    assert exited
+    assert exited[0]["pid"] == victim
+    assert exited[0]["exit_code"] == -signal.SIGKILL
+    # The survivor stopped the clean way.
+    assert [line["worker"] for line in logs if line["event"] == "bridge_stopped"] == [0]
+
+
+def test_workers_flag_is_checked() -> None:
+    from tests.processes import cli
+
+    for bad in ("0", "65", "two"):
+        result = cli("serve", "--workers", bad)
+        assert result.returncode == 2
+        assert "expected a whole number from 1 to 64" in result.stderr
+
+
+def test_worker_outbox_folders() -> None:
+    base = Path("/var/lib/bridge/outbox")
+    assert WorkerSpec(0, 3).outbox_dir(base) == base
+    assert WorkerSpec(2, 3).outbox_dir(base) == base / "worker-2"
+    assert WorkerSpec.parse("1/4") == WorkerSpec(1, 4)
+
+
+async def test_outbox_of_a_worker_that_no_longer_exists_is_replayed(
+    tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
+) -> None:
+    """A run with 4 workers left events in worker-3's folder; one worker now replays them."""
+    signer = SigningKey.generate()
+    config = isolated_config(tmp_path, forget_topology)
+    prefix = forget_topology[-1].exchange.removesuffix(".events")
+    env = env_for(tmp_path, signer, amqp_url)
+    base = Path(env["BRIDGE_OUTBOX_DIR"])
+    (base / "worker-1").mkdir(parents=True)  # a folder this run uses, or an empty one
+    left = Outbox(base / "worker-3", 1 << 20, FakePublisher())
+    await left.open()
+    await left.append(
+        [
+            Outbound(
+                exchange=f"{prefix}.events",
+                routing_key="lightroom-job-status.succeeded",
+                body=orjson.dumps({**LIGHTROOM, "event_id": f"s{i}"}),
+                message_id=f"s{i}",
+                type="lightroom-job-status",
+                timestamp=datetime.datetime.now(datetime.UTC),
+                headers={"event-id": f"s{i}"},
+            )
+            for i in range(5)
+        ]
+    )
+    await left.close()
+    assert stranded_outbox_dirs(base, 1) == [base / "worker-1", base / "worker-3"]
+    assert stranded_outbox_dirs(base, 4) == []
+    daemon = Daemon(config, env)
+    try:
+        await asyncio.to_thread(daemon.wait_ready)
+        ids = await drain(amqp_url, f"{prefix}.unrouted", 5)
+        code, logs = await asyncio.to_thread(daemon.stop)
+    finally:
+        daemon.kill()
+    assert code == 0
+    assert sorted(ids) == [f"s{i}" for i in range(5)]
+    adopted = {line["folder"]: line["events"] for line in logs if line["event"] == "outbox_adopted"}
+    assert adopted == {str(base / "worker-1"): 0, str(base / "worker-3"): 5}
+    assert not (base / "worker-3").exists()  # replayed, then removed
