@@ -85,11 +85,11 @@ class KeyStore:
         now = self._clock()
         known = self._keys.get(path)
         if known is not None and known[0] > now:
-            metrics.KEY_LOOKUPS.labels("cached").inc()
+            metrics.KEYS_CACHED.inc()
             return known[1]
         miss = self._misses.get(path)
         if miss is not None and miss[0] > now:
-            metrics.KEY_LOOKUPS.labels("cached").inc()
+            metrics.KEYS_CACHED.inc()
             return miss[1]
         return None
 

@@ -6,6 +6,7 @@ delivery id or a job id; event codes only on counters of published events.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -112,3 +113,23 @@ BROKER_CONNECTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+
+
+# The hot path's labelled children, looked up once: ``labels()`` takes a lock and builds a key
+# on every call. Bounded, and the label values are few (see the module docstring).
+@functools.lru_cache(maxsize=1024)
+def requests(registration: str, status: int, outcome: str) -> Counter:
+    return REQUESTS.labels(registration, str(status), outcome)
+
+
+@functools.lru_cache(maxsize=256)
+def request_seconds(registration: str) -> Histogram:
+    return REQUEST_SECONDS.labels(registration)
+
+
+@functools.lru_cache(maxsize=1024)
+def events_published(event_code: str, job_status: str) -> Counter:
+    return EVENTS_PUBLISHED.labels(event_code, job_status)
+
+
+KEYS_CACHED = KEY_LOOKUPS.labels("cached")

@@ -307,65 +307,87 @@ class AmqpPublisher:
             self._connection = None
 
     async def publish(self, messages: Sequence[Outbound]) -> None:
-        """Publish all messages concurrently; return only when every one is confirmed.
+        """Publish all messages at once; return only when every one is confirmed.
 
         Raises :class:`BrokerUnavailable` if any is not. Those that were confirmed stay
         published: the sender retries the request and consumers deduplicate on ``message_id``.
+        All frames go out in one write; then one timer bounds the wait for all the confirms.
         """
-        if len(messages) == 1:
-            await self._publish_one(messages[0])
-            return
-        results = await asyncio.gather(
-            *(self._publish_one(m) for m in messages), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        started = time.perf_counter()
+        sent: list[tuple[Outbound, asyncio.Future[Any]]] = []
+        expiry: asyncio.TimerHandle | None = None
+        try:
+            for out in messages:
+                sent.append((out, await self._start(out)))
+            confirmations = [confirmation for _, confirmation in sent]
+            expiry = asyncio.get_running_loop().call_later(
+                self._config.publish_timeout, _expire, confirmations
+            )
+            await asyncio.wait(confirmations)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            for out, confirmation in sent:
+                if self._in_flight_ids.get(out.message_id) is confirmation:
+                    del self._in_flight_ids[out.message_id]
+                if not confirmation.done():  # we were cancelled: nobody will look at it
+                    confirmation.cancel()
+        failure: BrokerUnavailable | None = None
+        for out, confirmation in sent:
+            problem = self._verdict(out, confirmation)
+            if problem is not None:
+                metrics.PUBLISH_FAILURES.labels(problem.reason).inc()
+                failure = failure or problem
+        if failure is not None:
+            raise failure
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _publish_one(self, out: Outbound) -> None:
+    async def _start(self, out: Outbound) -> asyncio.Future[Any]:
+        """Send ``out`` (after any copy of it still in flight); the future of its confirm."""
+        # One copy of a message id in flight at a time: a return names the message by its id.
+        # (Two targets of one event share its id: the second waits for the first's confirm.)
+        while (previous := self._in_flight_ids.get(out.message_id)) is not None:
+            if previous.done():
+                break
+            await asyncio.wait((previous,))
         channel, underlay = self._channel, self._underlay
         if channel is None or channel.is_closed or underlay is None or underlay.is_closed:
             metrics.PUBLISH_FAILURES.labels("not_connected").inc()
             raise BrokerUnavailable("not_connected", "broker connection is not ready")
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        reason, detail = "", ""
-        # One copy of a message id in flight at a time: a return names the message by its id.
-        while (previous := self._in_flight_ids.get(out.message_id)) is not None:
-            await asyncio.wait((previous,))
-        if underlay.is_closed:  # it may have closed while we waited
-            metrics.PUBLISH_FAILURES.labels("connection_lost").inc()
-            raise BrokerUnavailable("connection_lost", "broker channel closed")
         confirmation = self._send(underlay, out)
         self._in_flight_ids[out.message_id] = confirmation
-        expiry = loop.call_later(self._config.publish_timeout, _expire, confirmation)
-        try:
-            result = await confirmation
+        return confirmation
+
+    def _verdict(
+        self, out: Outbound, confirmation: asyncio.Future[Any]
+    ) -> BrokerUnavailable | None:
+        """None when the broker confirmed ``out``; else why not, as a 503."""
+        exc = confirmation.exception() if not confirmation.cancelled() else TimeoutError()
+        if exc is None:
+            result = confirmation.result()
             if isinstance(result, Basic.Ack):
-                metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
-                return
-            reason, detail = "not_confirmed", f"unexpected publish result {type(result).__name__}"
-        except TimeoutError:
-            reason, detail = "timeout", f"no confirm within {self._config.publish_timeout:g}s"
-        except PublishError:
+                return None
+            return BrokerUnavailable(
+                "not_confirmed", f"unexpected publish result {type(result).__name__}"
+            )
+        if isinstance(exc, TimeoutError):
+            return BrokerUnavailable(
+                "timeout", f"no confirm within {self._config.publish_timeout:g}s"
+            )
+        if isinstance(exc, PublishError):
             # Our exchanges have an alternate exchange, so a return means the topology is broken
             # (the unrouted exchange or queue was deleted): reconnect, which declares it again.
-            reason, detail = "returned", "broker returned the message as unroutable"
             if any(
                 out.exchange == e.name and e.alternate_exchange for e in self._topology.exchanges
             ):
                 log.warning("topology_broken", exchange=out.exchange, action="redeclaring")
                 self._lost.set()
-        except DeliveryError:
-            reason, detail = "nacked", "broker refused the message (nack)"
-        except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
-            reason, detail = "connection_lost", _describe(exc)
-        finally:
-            expiry.cancel()
-            if self._in_flight_ids.get(out.message_id) is confirmation:
-                del self._in_flight_ids[out.message_id]
-        metrics.PUBLISH_FAILURES.labels(reason).inc()
-        raise BrokerUnavailable(reason, detail)
+            return BrokerUnavailable("returned", "broker returned the message as unroutable")
+        if isinstance(exc, DeliveryError):
+            return BrokerUnavailable("nacked", "broker refused the message (nack)")
+        if isinstance(exc, (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError)):
+            return BrokerUnavailable("connection_lost", _describe(exc))
+        raise exc  # a bug, not a broker verdict: the error middleware logs it
 
     def _send(self, underlay: aiormq.abc.AbstractChannel, out: Outbound) -> asyncio.Future[Any]:
         """Queue ``out``'s publish frames and return the future of its confirm.
@@ -425,9 +447,10 @@ class AmqpPublisher:
             self._writing = None
 
 
-def _expire(confirmation: asyncio.Future[Any]) -> None:
-    if not confirmation.done():
-        confirmation.set_exception(TimeoutError())
+def _expire(confirmations: list[asyncio.Future[Any]]) -> None:
+    for confirmation in confirmations:
+        if not confirmation.done():
+            confirmation.set_exception(TimeoutError())
 
 
 def _describe(exc: BaseException) -> str:

@@ -108,8 +108,8 @@ async def answer_middleware(
     registration = fields.get("registration")
     if registration is not None and request.method == "POST":
         elapsed = time.perf_counter() - started
-        metrics.REQUESTS.labels(registration, str(response.status), outcome).inc()
-        metrics.REQUEST_SECONDS.labels(registration).observe(elapsed)
+        metrics.requests(registration, response.status, outcome).inc()
+        metrics.request_seconds(registration).observe(elapsed)
         level = log.info if response.status < 500 else log.warning
         level(
             "webhook_handled",
@@ -297,7 +297,7 @@ class Receiver:
                     registration=registration.name,
                 )
             else:
-                metrics.EVENTS_PUBLISHED.labels(event.event_code, event.job_status or "none").inc()
+                metrics.events_published(event.event_code, event.job_status or "none").inc()
         fields["outcome"] = (
             "stored"
             if stored

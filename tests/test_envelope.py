@@ -201,3 +201,16 @@ def test_split_array_returns_each_element_byte_exact(items: list[object], gap: s
     raw = ("[" + gap).encode() + (gap + "," + gap).encode().join(parts) + (gap + "]").encode()
     assert split_array(raw) == parts
     assert [json.loads(p) for p in parts] == items
+
+
+@given(st.lists(json_values, max_size=6), st.sampled_from(["", " ", "\n  "]))
+def test_split_array_keeps_non_ascii_bytes_and_escapes(items: list[object], gap: str) -> None:
+    parts = [json.dumps(item, ensure_ascii=False, indent=1).encode() for item in items]
+    parts += [b'"\\ud800 \\u00e9 \\/"', b"1e400", b"-0.0"]
+    raw = ("[" + gap).encode() + (gap + "," + gap).encode().join(parts) + (gap + "]").encode()
+    assert split_array(raw) == parts
+
+
+def test_split_array_handles_nesting_deeper_than_the_scanner() -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    assert split_array(b"[" + deep + b', {"a": 1}]') == [deep, b'{"a": 1}']

@@ -97,8 +97,45 @@ def decode_json(raw: bytes) -> Any:
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
+# Finds where each element ends, in C (the standard library's scanner); numbers become their
+# length (a C builtin, no Python call), since only the positions matter here.
+_BOUNDS = json.JSONDecoder(parse_int=len, parse_float=len, parse_constant=len)
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
 def split_array(raw: bytes) -> list[bytes]:
     """The raw bytes of each top-level element of ``raw``, a valid JSON array."""
+    try:
+        return _split_scanned(raw)
+    except (ValueError, RecursionError, IndexError):  # very deep nesting: the slow way
+        return _split_tokens(raw)
+
+
+def _split_scanned(raw: bytes) -> list[bytes]:
+    text = raw.decode("utf-8")
+    same = len(text) == len(raw)  # ASCII: string and byte positions agree
+    at = _skip(text, text.index("[") + 1)
+    parts: list[bytes] = []
+    if text[at] == "]":
+        return parts
+    while True:
+        _, end = _BOUNDS.raw_decode(text, at)
+        parts.append(raw[at:end] if same else text[at:end].encode())
+        at = _skip(text, end)
+        if text[at] == "]":
+            return parts
+        if text[at] != ",":
+            raise ValueError("not an array")
+        at = _skip(text, at + 1)
+
+
+def _skip(text: str, at: int) -> int:
+    """The position of the first non-whitespace character from ``at``."""
+    space = _SPACE.match(text, at)
+    return space.end() if space else at
+
+
+def _split_tokens(raw: bytes) -> list[bytes]:
     depth = 0
     start = 0
     parts: list[bytes] = []
