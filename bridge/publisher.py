@@ -10,13 +10,20 @@ aio-pika's defaults are unsafe for us, so each is set here (RELIABILITY.md §1.8
   instead of resolving like a success; ``mandatory=True`` on every publish;
 - messages are persistent (``delivery_mode=2``); the unrouted queue is a quorum queue;
 - no robust connection: its publish waits for a reconnect without bound. While the supervisor
-  reconnects, a publish fails at once (fast 503), and every publish is bounded by
-  ``asyncio.timeout(publish_timeout)`` whatever aio-pika or the broker does (alarms included);
+  reconnects, a publish fails at once (fast 503), and every publish is bounded by a
+  ``publish_timeout`` timer whatever aio-pika or the broker does (alarms included); when the
+  channel or connection closes, every unconfirmed publish fails at once;
 - the first connect does not fail fast and kill the daemon: the supervisor keeps trying, and
   ``ready`` (``/readyz``) is False meanwhile;
 - aiormq pairs a returned message with its publish by ``message_id``; two concurrent publishes
   with one id (Adobe redelivering while the first is in flight, or a batch repeating an event)
   would confuse it, so publishes of one ``message_id`` are serialized.
+
+The hot path (profiled with ``make bench``): aio-pika connects, declares and supervises; the
+publishes themselves skip both aio-pika's and aiormq's per-call layers. ``bridge.frames`` writes
+each publish's frames, every publish of one event-loop turn goes to aiormq's writer as one
+write, and the confirm is tracked in aiormq's own tables, so its reader settles it (ack, nack,
+return). A batch of N events costs one timer and no task per message.
 
 Topology: ``adobe.events`` (topic, durable, alternate exchange ``adobe.unrouted``),
 ``adobe.unrouted`` (fanout, durable) and its quorum queue ``adobe.unrouted``.

@@ -315,9 +315,11 @@ def family(pid: int) -> list[int]:
 
 def broker_pid() -> int | None:
     """The local RabbitMQ node's Erlang VM, to count its CPU per event (None when remote)."""
-    found = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True, check=False)
+    found = subprocess.run(  # the oldest: rabbitmqctl runs short-lived VMs of its own
+        ["pgrep", "-o", "-x", "beam.smp"], capture_output=True, text=True, check=False
+    )
     pids = found.stdout.split()
-    return int(pids[0]) if len(pids) == 1 else None
+    return int(pids[0]) if pids else None
 
 
 async def measured(
