@@ -266,6 +266,7 @@ class AmqpPublisher:
             if not self._topology.passive:
                 await declare_topology(channel, self._topology)
             self._underlay = await channel.get_underlay_channel()
+            _confirm_from_the_front(self._underlay)
         self._channel = channel
         metrics.BROKER_CONNECTS.labels("connected").inc()
         metrics.BROKER_READY.set(1)
@@ -452,6 +453,35 @@ class AmqpPublisher:
                 self._outgoing.clear()
         finally:
             self._writing = None
+
+
+def _confirm_from_the_front(underlay: aiormq.abc.AbstractChannel) -> None:
+    """Replace aiormq's handler of the broker's acks and nacks on our publish channel.
+
+    aiormq's visits every unconfirmed publish for each ``multiple`` ack and schedules one
+    callback per tag: with a thousand publishes in flight (batches) that was a tenth of the
+    bridge's time (profiled). Our tags are in the table in the order they were sent, which is
+    the order the broker confirms them, so ours takes them from the front, and settles each
+    with aiormq's own ``_confirm_delivery`` (the same results: ack, nack, or a returned
+    message's error). A returned message's entry goes back at the end of the table; the
+    reconnect that follows a return drops the table.
+    """
+    assert isinstance(underlay, aiormq.Channel)
+    confirmations = underlay.confirmations
+    settle = underlay._confirm_delivery
+
+    async def on_confirm(frame: aiormq.abc.ConfirmationFrameType) -> None:
+        last = frame.delivery_tag
+        if not getattr(frame, "multiple", False):
+            settle(last, frame)
+            return
+        while confirmations:
+            tag = next(iter(confirmations))
+            if tag > last:
+                return
+            settle(tag, frame)
+
+    underlay._on_confirm_frame = on_confirm  # type: ignore[method-assign]
 
 
 def _expire(confirmations: list[asyncio.Future[Any]]) -> None:

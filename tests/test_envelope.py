@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.adobe.envelope import parse_delivery, split_array
+from bridge.adobe.envelope import _batch_elements, parse_delivery, split_array
 from bridge.errors import BadRequest
 from tests.helpers import EVENTS, SAMPLES
 
@@ -214,3 +214,18 @@ def test_split_array_keeps_non_ascii_bytes_and_escapes(items: list[object], gap:
 def test_split_array_handles_nesting_deeper_than_the_scanner() -> None:
     deep = b"[" * 5000 + b"]" * 5000
     assert split_array(b"[" + deep + b', {"a": 1}]') == [deep, b'{"a": 1}']
+
+
+@given(st.lists(json_values, max_size=6), st.sampled_from(["", " ", "\n  "]))
+def test_a_batch_is_parsed_and_cut_in_one_pass_like_the_careful_path(
+    items: list[object], gap: str
+) -> None:
+    raw = ("[" + gap + ("," + gap).join(json.dumps(i) for i in items) + gap + "]").encode()
+    assert _batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[NaN]", b"[1] x", b"x[1]", b"[1,]", b"\xef\xbb\xbf[1]", b"[" + b"9" * 5000 + b"]"]
+)
+def test_what_the_one_pass_does_not_take_goes_the_careful_way(raw: bytes) -> None:
+    assert _batch_elements(raw) is None

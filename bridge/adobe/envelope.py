@@ -97,36 +97,63 @@ def decode_json(raw: bytes) -> Any:
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
-# Finds where each element ends, in C (the standard library's scanner); numbers become their
-# length (a C builtin, no Python call), since only the positions matter here.
+# The standard library's scanner, in C, finds where each element of an array ends while it
+# parses it, so a batch is parsed and cut into its elements' bytes in one pass. _BOUNDS only
+# cuts: numbers become their length (a C builtin, no Python call). _VALUES parses too, refusing
+# NaN and Infinity; an integer of 4,300+ digits makes it fail, and the slow path takes over.
 _BOUNDS = json.JSONDecoder(parse_int=len, parse_float=len, parse_constant=len)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_VALUES = json.JSONDecoder(parse_constant=_refuse_constant)
 _SPACE = re.compile(r"[ \t\r\n]*")
 
 
 def split_array(raw: bytes) -> list[bytes]:
     """The raw bytes of each top-level element of ``raw``, a valid JSON array."""
     try:
-        return _split_scanned(raw)
+        return [part for part, _ in _scan_array(raw, _BOUNDS)]
     except (ValueError, RecursionError, IndexError):  # very deep nesting: the slow way
         return _split_tokens(raw)
 
 
-def _split_scanned(raw: bytes) -> list[bytes]:
+def _scan_array(raw: bytes, decoder: json.JSONDecoder) -> list[tuple[bytes, Any]]:
+    """Each element of the JSON array ``raw``: its exact bytes and its value.
+
+    Raises ValueError (or RecursionError) for anything but one array and whitespace."""
     text = raw.decode("utf-8")
     same = len(text) == len(raw)  # ASCII: string and byte positions agree
-    at = _skip(text, text.index("[") + 1)
-    parts: list[bytes] = []
-    if text[at] == "]":
-        return parts
-    while True:
-        _, end = _BOUNDS.raw_decode(text, at)
-        parts.append(raw[at:end] if same else text[at:end].encode())
-        at = _skip(text, end)
-        if text[at] == "]":
-            return parts
-        if text[at] != ",":
-            raise ValueError("not an array")
-        at = _skip(text, at + 1)
+    at = _skip(text, 0)
+    if text[at] != "[":
+        raise ValueError("not an array")
+    at = _skip(text, at + 1)
+    elements: list[tuple[bytes, Any]] = []
+    if text[at] != "]":
+        while True:
+            value, end = decoder.raw_decode(text, at)
+            elements.append((raw[at:end] if same else text[at:end].encode(), value))
+            at = _skip(text, end)
+            if text[at] == "]":
+                break
+            if text[at] != ",":
+                raise ValueError("not an array")
+            at = _skip(text, at + 1)
+    if _skip(text, at + 1) != len(text):
+        raise ValueError("data after the array")
+    return elements
+
+
+def _batch_elements(raw: bytes) -> list[tuple[bytes, Any]] | None:
+    """A batch body's elements in one pass, or None when the careful path must decide."""
+    if raw[:1] != b"[":
+        return None
+    try:
+        return _scan_array(raw, _VALUES)
+    except (ValueError, RecursionError, IndexError):
+        return None
 
 
 def _skip(text: str, at: int) -> int:
@@ -279,17 +306,18 @@ def parse_delivery(
     ``header_event_id``/``header_event_code`` (``x-adobe-event-id``/``-code``) are fallbacks for
     a single delivery only: on a batch nobody says which event they describe.
     """
-    doc = decode_json(raw)
-    if isinstance(doc, list):
-        if not doc:
+    elements = _batch_elements(raw)
+    if elements is None:
+        doc = decode_json(raw)  # strict; says what is wrong with a body that is not JSON
+        if isinstance(doc, list):
+            parts = split_array(raw)
+            if len(parts) != len(doc):  # cannot happen for valid JSON; refuse, never guess
+                raise BadRequest("bad_json", "batch could not be split into its elements")
+            elements = list(zip(parts, doc, strict=True))
+    if elements is not None:
+        if not elements:
             raise BadRequest("empty_batch", "batch holds no events")
-        parts = split_array(raw)
-        if len(parts) != len(doc):  # cannot happen for valid JSON; refuse rather than guess
-            raise BadRequest("bad_json", "batch could not be split into its elements")
-        events = tuple(
-            _event(part, item, i, None, None)
-            for i, (part, item) in enumerate(zip(parts, doc, strict=True))
-        )
+        events = tuple(_event(part, item, i, None, None) for i, (part, item) in enumerate(elements))
         return Delivery(events, batch=True)
     if isinstance(doc, dict):
         url = _text(doc, "validationUrl")
