@@ -331,7 +331,11 @@ class AmqpPublisher:
             expiry = asyncio.get_running_loop().call_later(
                 self._config.publish_timeout, _expire, confirmations
             )
-            await asyncio.wait(confirmations)
+            if len(confirmations) == 1:  # the common case, without asyncio.wait's machinery
+                with contextlib.suppress(Exception):  # its verdict is read below
+                    await confirmations[0]
+            else:
+                await asyncio.wait(confirmations)
         finally:
             if expiry is not None:
                 expiry.cancel()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ KEY_PATH_HEADERS = ("x-adobe-public-key1-path", "x-adobe-public-key2-path")
 
 # The only paths we ever fetch: no query, no dots, no other folder, no scheme or host.
 KEY_PATH = re.compile(r"^/prod/keys/pub-key-[A-Za-z0-9_-]{1,128}\.pem$")
+MAX_KEY_PATH = len("/prod/keys/pub-key-.pem") + 128
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
 MIN_RSA_BITS = 2048
@@ -45,6 +47,12 @@ class BadKey(ValueError):
 
 
 def key_path_allowed(path: str) -> bool:
+    # Anything longer than an allowed path is refused before it can take a cache entry.
+    return len(path) <= MAX_KEY_PATH and _matches_key_path(path)
+
+
+@functools.lru_cache(maxsize=1024)  # every request asks about the same two paths
+def _matches_key_path(path: str) -> bool:
     return KEY_PATH.fullmatch(path) is not None
 
 
