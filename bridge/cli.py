@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -322,6 +323,8 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     if fatal is not None:
         waiters.append(fatal)  # passive topology missing at start-up: stop with one line
+    if worker.count > 1:  # a worker whose parent died (SIGKILL) stops by itself
+        waiters.append(asyncio.ensure_future(_parent_gone(os.getppid(), received)))
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()
@@ -334,6 +337,12 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     if problem is not None:
         raise UsageError(problem)
     return 0
+
+
+async def _parent_gone(parent: int, received: list[str]) -> None:
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event tells of a parent's death
+        await asyncio.sleep(1.0)
+    received.append("parent_gone")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -197,3 +197,35 @@ async def test_outbox_of_a_worker_that_no_longer_exists_is_replayed(
     adopted = {line["folder"]: line["events"] for line in logs if line["event"] == "outbox_adopted"}
     assert adopted == {str(base / "worker-1"): 0, str(base / "worker-3"): 5}
     assert not (base / "worker-3").exists()  # replayed, then removed
+
+
+async def test_workers_stop_by_themselves_when_the_parent_is_killed(
+    tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
+) -> None:
+    signer = SigningKey.generate()
+    config = isolated_config(tmp_path, forget_topology)
+    daemon = Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2"))
+    try:
+        await asyncio.to_thread(wait_for, daemon, "broker_connected", 2)
+        (started,) = [line for line in daemon.logs() if line["event"] == "workers_started"]
+        daemon.process.kill()
+        daemon.process.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in started["pids"]):
+            assert time.monotonic() < deadline, "workers outlived their parent"
+            await asyncio.sleep(0.2)
+    finally:
+        daemon.kill()
+    stopping = [line for line in daemon.logs() if line["event"] == "bridge_stopping"]
+    assert [line["signal"] for line in stopping] == ["parent_gone", "parent_gone"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return False
