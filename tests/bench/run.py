@@ -238,6 +238,8 @@ def aio_pika_alone(amqp_url: str, prefix: str, seconds: float, loop: str) -> dic
 async def bench_aio_pika(amqp_url: str, prefix: str, seconds: float) -> dict[str, Any]:
     body = orjson.dumps(LIGHTROOM)
     connection = await aio_pika.connect(amqp_url)
+    broker = broker_pid()
+    broker_before = cpu_seconds(broker) if broker else 0.0
     cpu_before = time.process_time()
     sent = 0
     async with connection:
@@ -261,6 +263,9 @@ async def bench_aio_pika(amqp_url: str, prefix: str, seconds: float) -> dict[str
         "events_per_s": sent / elapsed,
         "events": sent,
         "client_cpu_us_per_event": (time.process_time() - cpu_before) / sent * 1e6,
+        "cpu_us_per_event": {
+            "broker": (cpu_seconds(broker) - broker_before) / sent * 1e6 if broker else None,
+        },
     }
 
 
@@ -423,6 +428,7 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
                 first["client_cpu_us_per_event"] + again["client_cpu_us_per_event"]
             )
             / 2,
+            "cpu_us_per_event": first["cpu_us_per_event"],
         }
         if memory_seconds > 0:
             results["e_memory"] = await memory(amqp_url, prefix, memory_seconds, workers)
