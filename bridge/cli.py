@@ -22,7 +22,7 @@ from typing import Any
 from bridge import __version__
 from bridge.config import Config, Registration, load_config
 from bridge.errors import BadRequest, ConfigError, Unavailable, UsageError
-from bridge.workers import SINGLE, WorkerSpec
+from bridge.workers import PARENT_PID, SINGLE, WorkerSpec
 
 EX_CONFIG = 78
 DEFAULT_CONFIG = "config/bridge.yaml"
@@ -259,6 +259,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.worker is not None:
         worker = WorkerSpec.parse(args.worker)
         structlog.contextvars.bind_contextvars(worker=worker.index)
+        # Until the event loop takes them over: a reload asked for this early has nothing to
+        # reload, and a stop before the port is open loses nothing.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     elif args.workers > 1:
         if config.server.port == 0:
             raise UsageError("--workers needs a fixed server.port (0 would give each its own)")
@@ -324,7 +328,8 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     if fatal is not None:
         waiters.append(fatal)  # passive topology missing at start-up: stop with one line
     if worker.count > 1:  # a worker whose parent died (SIGKILL) stops by itself
-        waiters.append(asyncio.ensure_future(_parent_gone(os.getppid(), received)))
+        parent = int(os.environ.get(PARENT_PID, "0")) or os.getppid()
+        waiters.append(asyncio.ensure_future(_parent_gone(parent, received)))
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()

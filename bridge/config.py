@@ -288,7 +288,7 @@ def _dedup(doc: Doc, node: yaml.Node | None) -> DedupConfig:
     return DedupConfig(
         enabled=s.boolean("enabled", d.enabled),
         seconds=s.number("seconds", d.seconds, 1.0, 7 * 24 * 3600.0),
-        size=s.integer("size", d.size, 1, 10_000_000),
+        size=s.integer("size", d.size, 1, 1_000_000),  # about 190 bytes each, reserved at start
     )
 
 

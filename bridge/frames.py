@@ -82,6 +82,8 @@ def publish_frames(channel: int, max_body: int, out: Outbound) -> bytes:
         FRAME_END,
     ]
     body = out.body
+    if max_body <= 0:  # frame_max 0: no limit, the body goes in one frame
+        max_body = max(len(body), 1)
     for start in range(0, len(body), max_body):
         chunk = body[start : start + max_body]
         parts += [_METHOD.pack(3, channel, len(chunk)), chunk, FRAME_END]

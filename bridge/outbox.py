@@ -31,6 +31,7 @@ import dataclasses
 import os
 import struct
 import time
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -124,6 +125,14 @@ class _Pending:
     size: int
 
 
+_OPEN: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def _report_depth() -> None:
+    """``bridge_outbox_depth``: every outbox of this process (worker 0 may replay several)."""
+    metrics.OUTBOX_DEPTH.set(sum(outbox.depth for outbox in _OPEN))
+
+
 class Outbox:
     """See the module docstring. ``open()`` before use, ``close()`` after."""
 
@@ -177,11 +186,12 @@ class Outbox:
             raise OutboxUnavailable(
                 "outbox_unavailable", f"cannot open the outbox in {self.folder}: {exc.strerror}"
             ) from None
+        _OPEN.add(self)
         self._tasks = [
             asyncio.create_task(self._writer(), name="outbox-writer"),
             asyncio.create_task(self._replayer(), name="outbox-replayer"),
         ]
-        metrics.OUTBOX_DEPTH.set(self.depth)
+        _report_depth()
         if self._pending:
             log.warning(
                 "outbox_backlog_found",
@@ -273,6 +283,7 @@ class Outbox:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+            _OPEN.discard(self)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -326,7 +337,7 @@ class Outbox:
                     self._pending.append(_Pending(segment, end, message, size))
                 if not future.done():
                     future.set_result(None)
-            metrics.OUTBOX_DEPTH.set(self.depth)
+            _report_depth()
             self._wake_replayer.set()
 
     def _write(self, data: bytes, frames: list[list[bytes]]) -> list[list[tuple[int, int]]]:
@@ -407,7 +418,7 @@ class Outbox:
             self.replayed += len(batch)
             self._drained.set()
             metrics.OUTBOX_REPLAYED.inc(len(batch))
-            metrics.OUTBOX_DEPTH.set(self.depth)
+            _report_depth()
             await asyncio.to_thread(self._forget_segments_before, last.segment)
             if not self._pending:
                 await self._start_afresh()

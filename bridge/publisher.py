@@ -47,6 +47,7 @@ import aiormq
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 from aiormq.abc import ChannelFrame
+from aiormq.channel import Returning
 from pamqp.commands import Basic
 from yarl import URL
 
@@ -273,7 +274,9 @@ class AmqpPublisher:
         self._became_ready.set()
         log.info("broker_connected", url=redacted(self._url))
 
-    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+    def _on_close(self, sender: Any, exc: BaseException | None = None) -> None:
+        if sender is not self._channel and sender is not self._connection:
+            return  # late news of a connection already dropped: not about the current one
         metrics.BROKER_READY.set(0)
         self._fail_unconfirmed(self._underlay, exc)
         self._lost.set()
@@ -287,6 +290,8 @@ class AmqpPublisher:
         if not isinstance(underlay, aiormq.Channel):
             return
         for confirmation in list(underlay.confirmations.values()):
+            if isinstance(confirmation, Returning):  # a placeholder nobody awaits
+                continue
             if isinstance(confirmation, asyncio.Future) and not confirmation.done():
                 confirmation.set_exception(
                     aiormq.exceptions.ChannelClosed(None, f"channel closed: {exc!r}")
@@ -321,16 +326,18 @@ class AmqpPublisher:
         published: the sender retries the request and consumers deduplicate on ``message_id``.
         All frames go out in one write; then one timer bounds the wait for all the confirms.
         """
+        if not messages:
+            return
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.publish_timeout  # for the whole call
         sent: list[tuple[Outbound, asyncio.Future[Any]]] = []
         expiry: asyncio.TimerHandle | None = None
         try:
             for out in messages:
-                sent.append((out, await self._start(out)))
+                sent.append((out, await self._start(out, deadline)))
             confirmations = [confirmation for _, confirmation in sent]
-            expiry = asyncio.get_running_loop().call_later(
-                self._config.publish_timeout, _expire, confirmations
-            )
+            expiry = loop.call_at(deadline, _expire, confirmations)
             if len(confirmations) == 1:  # the common case, without asyncio.wait's machinery
                 with contextlib.suppress(Exception):  # its verdict is read below
                     await confirmations[0]
@@ -354,14 +361,21 @@ class AmqpPublisher:
             raise failure
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _start(self, out: Outbound) -> asyncio.Future[Any]:
-        """Send ``out`` (after any copy of it still in flight); the future of its confirm."""
+    async def _start(self, out: Outbound, deadline: float) -> asyncio.Future[Any]:
+        """Send ``out`` (after any copy of it still in flight, until ``deadline``); the future
+        of its confirm."""
         # One copy of a message id in flight at a time: a return names the message by its id.
         # (Two targets of one event share its id: the second waits for the first's confirm.)
         while (previous := self._in_flight_ids.get(out.message_id)) is not None:
             if previous.done():
                 break
-            await asyncio.wait((previous,))
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                metrics.PUBLISH_FAILURES.labels("timeout").inc()
+                raise BrokerUnavailable(
+                    "timeout", f"no confirm within {self._config.publish_timeout:g}s"
+                )
+            await asyncio.wait((previous,), timeout=remaining)
         channel, underlay = self._channel, self._underlay
         if channel is None or channel.is_closed or underlay is None or underlay.is_closed:
             metrics.PUBLISH_FAILURES.labels("not_connected").inc()
@@ -420,9 +434,11 @@ class AmqpPublisher:
         ids = underlay.message_id_delivery_tag
         ids[out.message_id] = tag
 
-        def forget(_: asyncio.Future[Any], message_id: str = out.message_id) -> None:
+        def forget(done: asyncio.Future[Any], message_id: str = out.message_id) -> None:
             if ids.get(message_id) == tag:
                 del ids[message_id]
+            if not done.cancelled():
+                done.exception()  # read here: a request that gave up may never look at it
 
         confirmation.add_done_callback(forget)
         self._outgoing.append(frames)

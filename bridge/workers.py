@@ -37,6 +37,7 @@ from types import FrameType
 import structlog
 
 MAX_WORKERS = 64
+PARENT_PID = "EVENTS_BRIDGE_PARENT_PID"  # so a worker knows its parent even if it died early
 POLL_SECONDS = 0.2
 
 log = structlog.get_logger("bridge.workers")
@@ -77,7 +78,7 @@ def stranded_outbox_dirs(base: Path, count: int) -> list[Path]:
 def supervise(config_path: str, count: int) -> int:
     """Run ``count`` workers until a signal stops them or one of them exits."""
     metrics_dir = tempfile.mkdtemp(prefix="events-bridge-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, PARENT_PID: str(os.getpid())}
     stopping: list[str] = []
     workers: list[subprocess.Popen[bytes]] = []
 
@@ -95,6 +96,8 @@ def supervise(config_path: str, count: int) -> int:
         signal.signal(signum, forward)
     try:
         for index in range(count):
+            if stopping:  # a signal came while starting: start no more
+                break
             workers.append(
                 subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
                     [
@@ -113,7 +116,9 @@ def supervise(config_path: str, count: int) -> int:
         log.info("workers_started", workers=count, pids=[w.pid for w in workers])
         code = 0
         while any(w.poll() is None for w in workers):
-            if not stopping:
+            if stopping:
+                _stop(workers)  # again: a worker started after the signal gets it too
+            else:
                 gone = next((w for w in workers if w.poll() is not None), None)
                 if gone is not None:
                     code = gone.returncode if gone.returncode > 0 else 1
@@ -126,9 +131,10 @@ def supervise(config_path: str, count: int) -> int:
                     stopping.append("worker_exited")
                     _stop(workers)
             time.sleep(POLL_SECONDS)
-        if code == 0 and any(w.returncode != 0 for w in workers):
-            code = next(w.returncode for w in workers if w.returncode != 0)
-            code = code if code > 0 else 1
+        # A worker stopped by our SIGTERM before it could handle it stopped cleanly too.
+        failed = [w.returncode for w in workers if w.returncode not in (0, -signal.SIGTERM)]
+        if code == 0 and failed:
+            code = failed[0] if failed[0] > 0 else 1
         log.info("workers_stopped", exit_codes=[w.returncode for w in workers])
         return code
     finally:
@@ -138,7 +144,12 @@ def supervise(config_path: str, count: int) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+_signalled: set[int] = set()
+
+
 def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every running worker, once each."""
     for worker in workers:
-        if worker.poll() is None:
+        if worker.poll() is None and worker.pid not in _signalled:
+            _signalled.add(worker.pid)
             worker.send_signal(signal.SIGTERM)

@@ -81,3 +81,9 @@ def test_a_large_body_is_split_like_aiormq_does() -> None:
     frames = publish_frames(5, 131064, out)
     assert frames == reference(5, 131064, out)
     assert frames.count(b"\xce") >= 5  # method, header and three body frames
+
+
+def test_no_frame_size_limit_sends_the_body_in_one_frame() -> None:
+    # frame_max 0 means no limit; aiormq's max content size is then -8.
+    out = Outbound("x", "k", b"a" * 300_000, "id", "code", datetime.now(UTC), {"h": "v"})
+    assert publish_frames(5, -8, out) == reference(5, 300_000, out)

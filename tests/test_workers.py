@@ -166,7 +166,9 @@ async def test_outbox_of_a_worker_that_no_longer_exists_is_replayed(
     env = env_for(tmp_path, signer, amqp_url)
     base = Path(env["BRIDGE_OUTBOX_DIR"])
     (base / "worker-1").mkdir(parents=True)  # a folder this run uses, or an empty one
-    left = Outbox(base / "worker-3", 1 << 20, FakePublisher())
+    down = FakePublisher()  # a broker that is away, so the records stay in the folder
+    down.ready, down.fail = False, True
+    left = Outbox(base / "worker-3", 1 << 20, down)
     await left.open()
     await left.append(
         [
