@@ -190,6 +190,17 @@ async def declare(amqp_url: str, prefix: str) -> None:
         await sink.bind(events, routing_key="#")
 
 
+async def purge(amqp_url: str, prefix: str) -> None:
+    """Empty the sink before a scenario: a quorum queue holding the hundreds of thousands of
+    messages of the scenarios before costs the broker more per message, which would tilt the
+    comparison against whatever runs last."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        sink = await channel.get_queue(f"{prefix}.sink", ensure=False)
+        await sink.purge()
+
+
 async def queued(amqp_url: str, prefix: str) -> int:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
@@ -365,9 +376,11 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
     try:
         for key, loop in (("a_aio_pika", "asyncio"), ("a_aio_pika_uvloop", "uvloop")):
             print(f"bench: ({key[0]}) aio-pika alone, {loop} loop", file=sys.stderr, flush=True)
+            await purge(amqp_url, prefix)
             results[key] = await asyncio.to_thread(aio_pika_alone, amqp_url, prefix, seconds, loop)
 
         print("bench: (b) plain aiohttp + aio-pika handler", file=sys.stderr, flush=True)
+        await purge(amqp_url, prefix)
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, str(HERE / "baseline.py"), amqp_url, f"{prefix}.events", str(port)],
@@ -386,6 +399,7 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
             ("d_bridge_batch20", batches, "(d) batches of 20"),
         ):
             print(f"bench: {label}, {workers} worker(s)", file=sys.stderr, flush=True)
+            await purge(amqp_url, prefix)
             before = await queued(amqp_url, prefix)
             port = free_port()
             config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
@@ -419,6 +433,7 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
                 )
         # (a) once more at the end: the machine is shared, and the ratios use the mean of both.
         print("bench: (a) aio-pika alone again, asyncio loop", file=sys.stderr, flush=True)
+        await purge(amqp_url, prefix)
         again = await asyncio.to_thread(aio_pika_alone, amqp_url, prefix, seconds, "asyncio")
         first = results["a_aio_pika"]
         results["a_aio_pika"] = {
@@ -445,6 +460,7 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
 async def memory(amqp_url: str, prefix: str, seconds: float, workers: int) -> dict[str, Any]:
     print(f"bench: (e) memory under steady load for {seconds:.0f} s", file=sys.stderr, flush=True)
     requests = requests_file("memory", int(seconds * 400), 1)
+    await purge(amqp_url, prefix)
     port = free_port()
     config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
     daemon = subprocess.Popen(
