@@ -156,7 +156,7 @@ class AmqpPublisher:
         self._name = connection_name
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._underlay: aiormq.Channel | None = None
         self._lost = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -266,7 +266,10 @@ class AmqpPublisher:
             channel.close_callbacks.add(self._on_close)
             if not self._topology.passive:
                 await declare_topology(channel, self._topology)
-            self._underlay = await channel.get_underlay_channel()
+            underlay = await channel.get_underlay_channel()
+            if not isinstance(underlay, aiormq.Channel):  # the hot path uses its tables
+                raise TypeError(f"unexpected aiormq channel {type(underlay).__name__}")
+            self._underlay = underlay
             _confirm_from_the_front(self._underlay)
         self._channel = channel
         metrics.BROKER_CONNECTS.labels("connected").inc()
@@ -415,7 +418,7 @@ class AmqpPublisher:
             return BrokerUnavailable("connection_lost", _describe(exc))
         raise exc  # a bug, not a broker verdict: the error middleware logs it
 
-    def _send(self, underlay: aiormq.abc.AbstractChannel, out: Outbound) -> asyncio.Future[Any]:
+    def _send(self, underlay: aiormq.Channel, out: Outbound) -> asyncio.Future[Any]:
         """Queue ``out``'s publish frames and return the future of its confirm.
 
         This is aiormq's ``basic_publish`` without its per-call costs (a lock, a timeout, a queue
@@ -425,7 +428,6 @@ class AmqpPublisher:
         ``message_id_delivery_tag`` for returns), so its reader settles the future: ack, nack,
         return, or the channel's close.
         """
-        assert isinstance(underlay, aiormq.Channel)
         frames = publish_frames(underlay.number, underlay.max_content_size, out)
         underlay.delivery_tag += 1
         tag = underlay.delivery_tag
