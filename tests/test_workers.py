@@ -22,19 +22,9 @@ from bridge.workers import WorkerSpec, stranded_outbox_dirs
 from tests.helpers import CLIENT_ID, EVENTS, FakePublisher, SigningKey, key_folder
 from tests.processes import Daemon, free_port
 from tests.test_cli import isolated_config
+from tests.test_durability import post  # one request per connection: the kernel picks a worker
 
 LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
-
-
-def post(url: str, signer: SigningKey, event_id: str) -> int:
-    """One request on a connection of its own, so the kernel picks a worker each time."""
-    body = orjson.dumps({**LIGHTROOM, "event_id": event_id, "recipientclientid": CLIENT_ID})
-    request = urllib.request.Request(
-        url + "/webhook", data=body, method="POST", headers=signer.headers(body)
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        status: int = response.status
-        return status
 
 
 def env_for(tmp_path: Path, signer: SigningKey, amqp_url: str) -> dict[str, str]:
@@ -46,6 +36,20 @@ def env_for(tmp_path: Path, signer: SigningKey, amqp_url: str) -> dict[str, str]
         "BRIDGE_PORT": str(free_port()),
         "BRIDGE_AMQP_URL": amqp_url,
     }
+
+
+def two_workers(
+    tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
+) -> tuple[Daemon, SigningKey]:
+    signer = SigningKey.generate()
+    config = isolated_config(tmp_path, forget_topology)
+    return Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2")), signer
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    (started,) = [line for line in daemon.logs() if line["event"] == "workers_started"]
+    pids: list[int] = started["pids"]
+    return pids
 
 
 def wait_for(daemon: Daemon, event: str, count: int, seconds: float = 20) -> list[int]:
@@ -82,10 +86,8 @@ async def drain(amqp_url: str, queue: str, expected: int) -> list[str]:
 async def test_two_workers_share_the_port_publish_reload_and_stop_cleanly(
     tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
 ) -> None:
-    signer = SigningKey.generate()
-    config = isolated_config(tmp_path, forget_topology)
+    daemon, signer = two_workers(tmp_path, amqp_url, forget_topology)
     prefix = forget_topology[-1].exchange.removesuffix(".events")
-    daemon = Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2"))
     try:
         await asyncio.to_thread(wait_for, daemon, "broker_connected", 2)
         statuses = [await asyncio.to_thread(post, daemon.url, signer, f"w{i}") for i in range(40)]
@@ -119,13 +121,10 @@ async def test_two_workers_share_the_port_publish_reload_and_stop_cleanly(
 async def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
     tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
 ) -> None:
-    signer = SigningKey.generate()
-    config = isolated_config(tmp_path, forget_topology)
-    daemon = Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2"))
+    daemon, _ = two_workers(tmp_path, amqp_url, forget_topology)
     try:
         await asyncio.to_thread(wait_for, daemon, "broker_connected", 2)
-        (started,) = [line for line in daemon.logs() if line["event"] == "workers_started"]
-        victim = started["pids"][1]
+        victim = worker_pids(daemon)[1]
         os.kill(victim, signal.SIGKILL)
         await asyncio.to_thread(daemon.process.wait, 30)
         logs = daemon.logs()
@@ -204,16 +203,14 @@ async def test_outbox_of_a_worker_that_no_longer_exists_is_replayed(
 async def test_workers_stop_by_themselves_when_the_parent_is_killed(
     tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
 ) -> None:
-    signer = SigningKey.generate()
-    config = isolated_config(tmp_path, forget_topology)
-    daemon = Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2"))
+    daemon, _ = two_workers(tmp_path, amqp_url, forget_topology)
     try:
         await asyncio.to_thread(wait_for, daemon, "broker_connected", 2)
-        (started,) = [line for line in daemon.logs() if line["event"] == "workers_started"]
+        pids = worker_pids(daemon)
         daemon.process.kill()
         daemon.process.wait(10)
         deadline = time.monotonic() + 20
-        while any(_alive(pid) for pid in started["pids"]):
+        while any(_alive(pid) for pid in pids):
             assert time.monotonic() < deadline, "workers outlived their parent"
             await asyncio.sleep(0.2)
     finally:

@@ -299,6 +299,13 @@ topology:
     return path
 
 
+def start_bridge(prefix: str, port: int, amqp_url: str, workers: int) -> subprocess.Popen[bytes]:
+    """``events-bridge serve --workers N`` with the bench's config and an outbox of its own."""
+    config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
+    command = ["-m", "bridge", "serve", "--workers", str(workers), "--config", str(config)]
+    return subprocess.Popen([sys.executable, *command], cwd=ROOT, stderr=subprocess.DEVNULL)
+
+
 def wait_ready(url: str, seconds: float = 30) -> None:
     import urllib.request
 
@@ -402,21 +409,7 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
             await purge(amqp_url, prefix)
             before = await queued(amqp_url, prefix)
             port = free_port()
-            config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
-            daemon = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bridge",
-                    "serve",
-                    "--workers",
-                    str(workers),
-                    "--config",
-                    str(config),
-                ],
-                cwd=ROOT,
-                stderr=subprocess.DEVNULL,
-            )
+            daemon = start_bridge(prefix, port, amqp_url, workers)
             try:
                 await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz")
                 await asyncio.sleep(1.0)  # every worker connected, not only the first
@@ -462,21 +455,7 @@ async def memory(amqp_url: str, prefix: str, seconds: float, workers: int) -> di
     requests = requests_file("memory", int(seconds * 400), 1)
     await purge(amqp_url, prefix)
     port = free_port()
-    config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bridge",
-            "serve",
-            "--workers",
-            str(workers),
-            "--config",
-            str(config),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
+    daemon = start_bridge(prefix, port, amqp_url, workers)
     samples: list[tuple[float, float]] = []
     try:
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz")
