@@ -96,15 +96,11 @@ class KeyStore:
     async def get(self, path: str) -> rsa.RSAPublicKey:
         if not key_path_allowed(path):  # the receiver checks first; this is the last guard
             raise KeyMissing(f"key path not allowed: {path!r}")
-        now = self._clock()
-        known = self._keys.get(path)
-        if known is not None and known[0] > now:
-            metrics.KEY_LOOKUPS.labels("cached").inc()
-            return known[1]
-        miss = self._misses.get(path)
-        if miss is not None and miss[0] > now:
-            metrics.KEY_LOOKUPS.labels("cached").inc()
-            raise miss[1]
+        known = self.cached(path)
+        if isinstance(known, KeyMissing):
+            raise known
+        if known is not None:
+            return known
         task = self._pending.get(path)
         if task is None:
             # The fetch runs in its own task: a request that gives up (deadline, client gone)

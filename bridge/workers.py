@@ -81,6 +81,7 @@ def supervise(config_path: str, count: int) -> int:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, PARENT_PID: str(os.getpid())}
     stopping: list[str] = []
     workers: list[subprocess.Popen[bytes]] = []
+    signalled: set[int] = set()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -90,7 +91,7 @@ def supervise(config_path: str, count: int) -> int:
             return
         if not stopping:
             stopping.append(signal.Signals(signum).name)
-            _stop(workers)
+            _stop(workers, signalled)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -117,7 +118,7 @@ def supervise(config_path: str, count: int) -> int:
         code = 0
         while any(w.poll() is None for w in workers):
             if stopping:
-                _stop(workers)  # again: a worker started after the signal gets it too
+                _stop(workers, signalled)  # again: a worker started after the signal gets it too
             else:
                 gone = next((w for w in workers if w.poll() is not None), None)
                 if gone is not None:
@@ -129,7 +130,7 @@ def supervise(config_path: str, count: int) -> int:
                         action="stopping the other workers",
                     )
                     stopping.append("worker_exited")
-                    _stop(workers)
+                    _stop(workers, signalled)
             time.sleep(POLL_SECONDS)
         # A worker stopped by our SIGTERM before it could handle it stopped cleanly too.
         failed = [w.returncode for w in workers if w.returncode not in (0, -signal.SIGTERM)]
@@ -138,18 +139,15 @@ def supervise(config_path: str, count: int) -> int:
         log.info("workers_stopped", exit_codes=[w.returncode for w in workers])
         return code
     finally:
-        _stop(workers)
+        _stop(workers, signalled)
         for worker in workers:
             worker.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-_signalled: set[int] = set()
-
-
-def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to every running worker, once each."""
+def _stop(workers: list[subprocess.Popen[bytes]], signalled: set[int]) -> None:
+    """SIGTERM to every running worker, once each (``signalled``: those that had it)."""
     for worker in workers:
-        if worker.poll() is None and worker.pid not in _signalled:
-            _signalled.add(worker.pid)
+        if worker.poll() is None and worker.pid not in signalled:
+            signalled.add(worker.pid)
             worker.send_signal(signal.SIGTERM)
