@@ -54,11 +54,24 @@ class RecentIds:
         self._added[key] = added
         self._next = (self._next + 1) % self.size
 
-    def __contains__(self, event_id: object) -> bool:
-        if not isinstance(event_id, str):
-            return False
-        added = self._added.get(_digest(event_id))
+    @staticmethod
+    def key(event_id: str) -> bytes:
+        """The digest that stands for ``event_id``: made once, to ask :meth:`seen` and then to
+        :meth:`remember` it."""
+        return _digest(event_id)
+
+    def seen(self, key: bytes) -> bool:
+        added = self._added.get(key)
         return added is not None and added >= self._clock() - self.seconds
+
+    def remember(self, key: bytes) -> None:
+        if key in self._added:  # seen again: only its time moves
+            self._added[key] = self._clock()
+            return
+        self._replace(key, self._clock())
+
+    def __contains__(self, event_id: object) -> bool:
+        return isinstance(event_id, str) and self.seen(_digest(event_id))
 
     def __len__(self) -> int:
         """How many ids currently count as seen (a scan: for tests and diagnostics)."""
@@ -66,8 +79,4 @@ class RecentIds:
         return sum(1 for added in self._added.values() if added >= oldest)
 
     def add(self, event_id: str) -> None:
-        key = _digest(event_id)
-        if key in self._added:  # seen again: only its time moves
-            self._added[key] = self._clock()
-            return
-        self._replace(key, self._clock())
+        self.remember(_digest(event_id))

@@ -21,6 +21,7 @@ FRAME_END = b"\xce"
 _METHOD = struct.Struct(">BHI")  # frame type, channel, payload size
 _PUBLISH = struct.Struct(">HHH")  # class 60 (basic), method 40 (publish), reserved ticket 0
 _HEADER_START = struct.Struct(">HHQH")  # class 60, weight 0, body size, property flags
+_LONG = struct.Struct(">I")
 
 # Property flags, in the order their values follow the flags (AMQP 0-9-1, basic class).
 _CONTENT_TYPE = 1 << 15
@@ -40,16 +41,32 @@ def _shortstr(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
+def _field_name(name: str) -> bytes:
+    """A header table entry's name and its type (long string), as they precede the value."""
+    key = name.encode()
+    if len(key) > 128:  # AMQP field names; the config refuses longer ones
+        raise ValueError(f"AMQP header name over 128 bytes: {name[:40]!r}…")
+    return bytes((len(key),)) + key + b"S"
+
+
+# Header names are few (ours and the rules' own): each is encoded once.
+_FIELD_NAMES: dict[str, bytes] = {}
+_MAX_FIELD_NAMES = 1024
+
+
 def _table(values: dict[str, str]) -> bytes:
-    parts = []
-    for name, value in sorted(values.items()):  # sorted, as pamqp does
-        key = name.encode()
-        if len(key) > 128:  # AMQP field names; the config refuses longer ones
-            raise ValueError(f"AMQP header name over 128 bytes: {name[:40]!r}…")
-        data = value.encode()
-        parts.append(bytes((len(key),)) + key + b"S" + len(data).to_bytes(4, "big") + data)
+    parts: list[bytes] = []
+    names = _FIELD_NAMES
+    for name in sorted(values):  # sorted, as pamqp does
+        prefix = names.get(name)
+        if prefix is None:
+            prefix = _field_name(name)
+            if len(names) < _MAX_FIELD_NAMES:
+                names[name] = prefix
+        data = values[name].encode()
+        parts += (prefix, _LONG.pack(len(data)), data)
     body = b"".join(parts)
-    return len(body).to_bytes(4, "big") + body
+    return _LONG.pack(len(body)) + body
 
 
 def _timestamp(moment: datetime) -> bytes:

@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aio_pika
 import aio_pika.abc
@@ -139,6 +139,16 @@ async def check_topology(
             if not channel.is_closed:
                 await channel.close()
     return missing
+
+
+class _Sent(NamedTuple):
+    """A publish handed to the writer: its confirm, and its entry in the channel's table of
+    message id → delivery tag (how aiormq names a returned message)."""
+
+    out: Outbound
+    confirmation: asyncio.Future[Any]
+    returns: dict[str, int]
+    tag: int
 
 
 class AmqpPublisher:
@@ -334,28 +344,39 @@ class AmqpPublisher:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.publish_timeout  # for the whole call
-        sent: list[tuple[Outbound, asyncio.Future[Any]]] = []
+        sent: list[_Sent] = []
         expiry: asyncio.TimerHandle | None = None
         try:
             for out in messages:
-                sent.append((out, await self._start(out, deadline)))
-            confirmations = [confirmation for _, confirmation in sent]
+                sent.append(await self._start(out, deadline))
+            confirmations = [s.confirmation for s in sent]
             expiry = loop.call_at(deadline, _expire, confirmations)
-            if len(confirmations) == 1:  # the common case, without asyncio.wait's machinery
-                with contextlib.suppress(Exception):  # its verdict is read below
-                    await confirmations[0]
-            else:
-                await asyncio.wait(confirmations)
+            # The broker confirms in the order we published, nearly always: wait for the last
+            # one alone (asyncio.wait's machinery costs a callback per future), then for any
+            # that are still open.
+            try:
+                await confirmations[-1]
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+            except Exception:  # noqa: BLE001, S110 - each verdict is read below
+                pass
+            if waiting := [c for c in confirmations if not c.done()]:
+                await asyncio.wait(waiting)
         finally:
             if expiry is not None:
                 expiry.cancel()
-            for out, confirmation in sent:
+            for out, confirmation, returns, tag in sent:
                 if self._in_flight_ids.get(out.message_id) is confirmation:
                     del self._in_flight_ids[out.message_id]
+                if returns.get(out.message_id) == tag:
+                    del returns[out.message_id]
                 if not confirmation.done():  # we were cancelled: nobody will look at it
                     confirmation.cancel()
+                elif not confirmation.cancelled():
+                    confirmation.exception()  # read now: if we were cancelled, nobody will
         failure: BrokerUnavailable | None = None
-        for out, confirmation in sent:
+        for out, confirmation, _, _ in sent:
             problem = self._verdict(out, confirmation)
             if problem is not None:
                 metrics.PUBLISH_FAILURES.labels(problem.reason).inc()
@@ -364,9 +385,8 @@ class AmqpPublisher:
             raise failure
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _start(self, out: Outbound, deadline: float) -> asyncio.Future[Any]:
-        """Send ``out`` (after any copy of it still in flight, until ``deadline``); the future
-        of its confirm."""
+    async def _start(self, out: Outbound, deadline: float) -> _Sent:
+        """Send ``out`` (after any copy of it still in flight, until ``deadline``)."""
         # One copy of a message id in flight at a time: a return names the message by its id.
         # (Two targets of one event share its id: the second waits for the first's confirm.)
         while (previous := self._in_flight_ids.get(out.message_id)) is not None:
@@ -383,9 +403,9 @@ class AmqpPublisher:
         if channel is None or channel.is_closed or underlay is None or underlay.is_closed:
             metrics.PUBLISH_FAILURES.labels("not_connected").inc()
             raise BrokerUnavailable("not_connected", "broker connection is not ready")
-        confirmation = self._send(underlay, out)
-        self._in_flight_ids[out.message_id] = confirmation
-        return confirmation
+        sent = self._send(underlay, out)
+        self._in_flight_ids[out.message_id] = sent.confirmation
+        return sent
 
     def _verdict(
         self, out: Outbound, confirmation: asyncio.Future[Any]
@@ -418,36 +438,29 @@ class AmqpPublisher:
             return BrokerUnavailable("connection_lost", _describe(exc))
         raise exc  # a bug, not a broker verdict: the error middleware logs it
 
-    def _send(self, underlay: aiormq.Channel, out: Outbound) -> asyncio.Future[Any]:
-        """Queue ``out``'s publish frames and return the future of its confirm.
+    def _send(self, underlay: aiormq.Channel, out: Outbound) -> _Sent:
+        """Queue ``out``'s publish frames; the future of its confirm and its delivery tag.
 
         This is aiormq's ``basic_publish`` without its per-call costs (a lock, a timeout, a queue
         hand-off and pamqp's marshalling per message): the frames come from ``bridge.frames``,
         and every publish made in one turn of the event loop goes out in one write. The
         confirm bookkeeping is aiormq's own (``confirmations`` by delivery tag, and
         ``message_id_delivery_tag`` for returns), so its reader settles the future: ack, nack,
-        return, or the channel's close.
+        return, or the channel's close. :meth:`publish` forgets the id once it is settled.
         """
         frames = publish_frames(underlay.number, underlay.max_content_size, out)
         underlay.delivery_tag += 1
         tag = underlay.delivery_tag
-        confirmation: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        confirmation: asyncio.Future[Any] = loop.create_future()
         underlay.confirmations[tag] = confirmation
-        ids = underlay.message_id_delivery_tag
-        ids[out.message_id] = tag
-
-        def forget(done: asyncio.Future[Any], message_id: str = out.message_id) -> None:
-            if ids.get(message_id) == tag:
-                del ids[message_id]
-            if not done.cancelled():
-                done.exception()  # read here: a request that gave up may never look at it
-
-        confirmation.add_done_callback(forget)
+        returns = underlay.message_id_delivery_tag
+        returns[out.message_id] = tag
         self._outgoing.append(frames)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush, underlay)
-        return confirmation
+            loop.call_soon(self._flush, underlay)
+        return _Sent(out, confirmation, returns, tag)
 
     def _flush(self, underlay: aiormq.Channel) -> None:
         """Hand this turn's publishes to aiormq's writer as one frame group, in tag order."""
@@ -504,6 +517,12 @@ def _confirm_from_the_front(underlay: aiormq.abc.AbstractChannel) -> None:
             settle(tag, frame)
 
     underlay._on_confirm_frame = on_confirm  # type: ignore[method-assign]
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task is being cancelled (not merely a future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _expire(confirmations: list[asyncio.Future[Any]]) -> None:

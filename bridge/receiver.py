@@ -267,12 +267,17 @@ class Receiver:
         context = RequestContext.from_headers(registration.name, datetime.now(UTC), headers)
         provider = context.copied.get("adobe-provider")
         # Per registration: the same event may legitimately reach two registrations.
-        seen_key = f"{registration.name}\n"
-        fresh = [
-            e
-            for e in delivery.events
-            if self.recent is None or seen_key + e.event_id not in self.recent
-        ]
+        recent, prefix = self.recent, f"{registration.name}\n"
+        fresh_keys: list[bytes] = []  # each digest made once: asked now, remembered once safe
+        if recent is None:
+            fresh = list(delivery.events)
+        else:
+            fresh = []
+            for event in delivery.events:
+                key = recent.key(prefix + event.event_id)
+                if not recent.seen(key):
+                    fresh.append(event)
+                    fresh_keys.append(key)
         if len(fresh) < len(delivery.events):
             metrics.DUPLICATES.inc(len(delivery.events) - len(fresh))
             fields["duplicates"] = len(delivery.events) - len(fresh)
@@ -284,9 +289,10 @@ class Receiver:
         ]
         fields["routing_key"] = _one_or_list([m.routing_key for m in messages])
         stored = await self._deliver(messages) if messages else False
-        if self.recent is not None:
-            for event in fresh:
-                self.recent.add(seen_key + event.event_id)
+        if recent is not None:
+            for key in fresh_keys:
+                recent.remember(key)
+        published: dict[tuple[str, str], int] = {}  # one metric update per kind, not per event
         for event, decision in decisions:
             if decision.dropped:
                 metrics.EVENTS_DROPPED.labels(decision.dropped_by or "").inc()
@@ -297,7 +303,10 @@ class Receiver:
                     registration=registration.name,
                 )
             else:
-                metrics.events_published(event.event_code, event.job_status or "none").inc()
+                kind = (event.event_code, event.job_status or "none")
+                published[kind] = published.get(kind, 0) + 1
+        for (code, status), count in published.items():
+            metrics.events_published(code, status).inc(count)
         fields["outcome"] = (
             "stored"
             if stored

@@ -7,10 +7,17 @@ import json
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from bridge.adobe.envelope import _batch_elements, parse_delivery, split_array
+from bridge.adobe.envelope import (
+    _VALUES,
+    _batch_elements,
+    _compact_elements,
+    _scan_array,
+    parse_delivery,
+    split_array,
+)
 from bridge.errors import BadRequest
 from tests.helpers import EVENTS, SAMPLES
 
@@ -222,6 +229,43 @@ def test_a_batch_is_parsed_and_cut_in_one_pass_like_the_careful_path(
 ) -> None:
     raw = ("[" + gap + ("," + gap).join(json.dumps(i) for i in items) + gap + "]").encode()
     assert _batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
+
+
+@given(st.lists(json_values, max_size=6))
+def test_a_compact_batch_takes_the_orjson_path_and_agrees_with_the_scanner(
+    items: list[object],
+) -> None:
+    assume(all(_fits_64_bits(item) for item in items))  # orjson writes no larger integer
+    raw = orjson.dumps(items)  # compact, as Adobe's serializer writes a batch
+    compact = _compact_elements(raw)
+    assert compact is not None
+    assert compact == _scan_array(raw, _VALUES)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'[{"a": 1}]',  # spaces
+        b'[{"a":1.0e0}]',  # a number orjson writes otherwise
+        b'[{"a":"\\u00e9"}]',  # an escape orjson writes otherwise
+        b'[{"a":1,"a":2}]',  # a key twice
+        b"[" + b"[" * 300 + b"]" * 300 + b"]",  # deeper than orjson writes
+        b"[" + b"9" * 30 + b"]",  # over 64 bits
+    ],
+)
+def test_a_batch_orjson_would_write_otherwise_is_cut_by_the_scanner(raw: bytes) -> None:
+    assert _compact_elements(raw) is None
+    assert _batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
+
+
+def _fits_64_bits(value: object) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**64
+    if isinstance(value, list):
+        return all(_fits_64_bits(v) for v in value)
+    if isinstance(value, dict):
+        return all(_fits_64_bits(v) for v in value.values())
+    return True
 
 
 @pytest.mark.parametrize(

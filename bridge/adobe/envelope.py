@@ -150,10 +150,36 @@ def _batch_elements(raw: bytes) -> list[tuple[bytes, Any]] | None:
     """A batch body's elements in one pass, or None when the careful path must decide."""
     if raw[:1] != b"[":
         return None
+    compact = _compact_elements(raw)
+    if compact is not None:
+        return compact
     try:
         return _scan_array(raw, _VALUES)
     except (ValueError, RecursionError, IndexError):
         return None
+
+
+def _compact_elements(raw: bytes) -> list[tuple[bytes, Any]] | None:
+    """The elements of a compact array (no spaces, as Adobe's serializer writes it), or None.
+
+    orjson parses the array and writes each element again; when those bytes, joined by commas
+    in brackets, are the body itself, they are exactly the elements' bytes as received. Anything
+    else (spaces, escapes orjson writes differently, ``1e5``, integers over 64 bits) differs
+    somewhere and is left to the standard library's scanner.
+    """
+    try:
+        docs = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(docs, list):
+        return None
+    try:
+        parts = [orjson.dumps(doc) for doc in docs]
+    except orjson.JSONEncodeError:  # nesting deeper than orjson writes
+        return None
+    if b"[" + b",".join(parts) + b"]" != raw:
+        return None
+    return list(zip(parts, docs, strict=True))
 
 
 def _skip(text: str, at: int) -> int:
