@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -347,3 +348,16 @@ def test_declare_without_a_broker_is_one_line() -> None:
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("events-bridge: cannot connect to amqp://guest:***@127.0.0.1:")
+
+
+def test_serving_moves_start_up_objects_out_of_the_collectors_sight() -> None:
+    from bridge.cli import GC_THRESHOLD, _tune_gc
+
+    threshold = gc.get_threshold()
+    try:
+        _tune_gc()
+        assert gc.get_threshold()[0] == GC_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
