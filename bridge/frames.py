@@ -49,7 +49,8 @@ def _field_name(name: str) -> bytes:
     return bytes((len(key),)) + key + b"S"
 
 
-# Header names are few (ours and the rules' own): each is encoded once.
+# Header names are few (ours, the copied request headers' and the rules' own; none comes from a
+# request body or a request header's name): each is encoded once. The cap is only a backstop.
 _FIELD_NAMES: dict[str, bytes] = {}
 _MAX_FIELD_NAMES = 1024
 

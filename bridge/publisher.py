@@ -357,6 +357,8 @@ class AmqpPublisher:
             try:
                 await confirmations[-1]
             except asyncio.CancelledError:
+                # Our task's cancellation (a request's deadline) goes on; a confirm cancelled by
+                # someone else is only a verdict, read below like the others.
                 if _being_cancelled():
                     raise
             except Exception:  # noqa: BLE001, S110 - each verdict is read below
@@ -374,7 +376,7 @@ class AmqpPublisher:
                 if not confirmation.done():  # we were cancelled: nobody will look at it
                     confirmation.cancel()
                 elif not confirmation.cancelled():
-                    confirmation.exception()  # read now: if we were cancelled, nobody will
+                    confirmation.exception()  # marks it retrieved: cancelled, nobody reads it
         failure: BrokerUnavailable | None = None
         for out, confirmation, _, _ in sent:
             problem = self._verdict(out, confirmation)

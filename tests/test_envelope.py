@@ -231,22 +231,44 @@ def test_a_batch_is_parsed_and_cut_in_one_pass_like_the_careful_path(
     assert _batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
 
 
-@given(st.lists(json_values, max_size=6))
+json_values_with_floats = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.lists(json_values_with_floats, max_size=6))
 def test_a_compact_batch_takes_the_orjson_path_and_agrees_with_the_scanner(
     items: list[object],
 ) -> None:
     assume(all(_fits_64_bits(item) for item in items))  # orjson writes no larger integer
-    raw = orjson.dumps(items)  # compact, as Adobe's serializer writes a batch
+    raw = orjson.dumps(items)  # compact, as Adobe's serializer writes a batch (infinity: null)
     compact = _compact_elements(raw)
     assert compact is not None
     assert compact == _scan_array(raw, _VALUES)
 
 
 @pytest.mark.parametrize(
+    "number", [b"-0.0", b"5e-324", b"1e16", b"1.5e-7", b"0.1", b"1.7976931348623157e308"]
+)
+def test_floats_orjson_writes_as_received_are_cut_and_read_alike(number: bytes) -> None:
+    raw = b'[{"n":' + number + b"}]"
+    expected = list(zip(split_array(raw), json.loads(raw), strict=True))
+    assert _batch_elements(raw) == expected
+    compact = _compact_elements(raw)
+    assert compact is None or compact == expected
+
+
+@pytest.mark.parametrize(
     "raw",
     [
         b'[{"a": 1}]',  # spaces
-        b'[{"a":1.0e0}]',  # a number orjson writes otherwise
+        b'[{"a":1.0e0}]',  # numbers orjson writes otherwise
+        b'[{"a":-0}]',
+        b'[{"a":1e400}]',
         b'[{"a":"\\u00e9"}]',  # an escape orjson writes otherwise
         b'[{"a":1,"a":2}]',  # a key twice
         b"[" + b"[" * 300 + b"]" * 300 + b"]",  # deeper than orjson writes

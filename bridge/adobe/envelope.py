@@ -150,9 +150,10 @@ def _batch_elements(raw: bytes) -> list[tuple[bytes, Any]] | None:
     """A batch body's elements in one pass, or None when the careful path must decide."""
     if raw[:1] != b"[":
         return None
-    compact = _compact_elements(raw)
-    if compact is not None:
-        return compact
+    if raw[:2] == b"[{":  # pretty-printed arrays start otherwise: only the scanner then
+        compact = _compact_elements(raw)
+        if compact is not None:
+            return compact
     try:
         return _scan_array(raw, _VALUES)
     except (ValueError, RecursionError, IndexError):
