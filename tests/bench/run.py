@@ -149,21 +149,20 @@ def free_port() -> int:
 
 
 def load(url: str, requests: Path, seconds: float) -> dict[str, Any]:
+    return _script_result(
+        ["loadgen.py", url, str(requests), "--connections", "64", "--seconds", str(seconds)],
+        timeout=seconds + 120,
+    )
+
+
+def _script_result(args: list[str], timeout: float) -> dict[str, Any]:
+    """Run a script of this folder in a process of its own; the JSON it prints."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            url,
-            str(requests),
-            "--connections",
-            "64",
-            "--seconds",
-            str(seconds),
-        ],
+        [sys.executable, str(HERE / args[0]), *args[1:]],
         capture_output=True,
         text=True,
         check=True,
-        timeout=seconds + 120,
+        timeout=timeout,
     )
     result: dict[str, Any] = json.loads(done.stdout)
     return result
@@ -227,23 +226,9 @@ async def cleanup(amqp_url: str, prefix: str) -> None:
 
 def aio_pika_alone(amqp_url: str, prefix: str, seconds: float, loop: str) -> dict[str, Any]:
     """(a) in a process of its own, on the standard asyncio loop or on uvloop."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "run.py"),
-            "--aio-pika-alone",
-            amqp_url,
-            prefix,
-            str(seconds),
-            loop,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 60,
+    return _script_result(
+        ["run.py", "--aio-pika-alone", amqp_url, prefix, str(seconds), loop], timeout=seconds + 60
     )
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
 
 
 async def bench_aio_pika(amqp_url: str, prefix: str, seconds: float) -> dict[str, Any]:
