@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -25,7 +25,7 @@ from bridge import __version__, metrics
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError
 from bridge.keys import KeyStore
-from bridge.outbox import Outbox
+from bridge.outbox import Outbox, OutboxUnavailable
 from bridge.publisher import AmqpPublisher, Publisher
 from bridge.receiver import Receiver, answer_middleware, json_response
 from bridge.verify import Verifier
@@ -114,13 +114,20 @@ def create_app(
                 "signature_verification_disabled",
                 detail="verification.enabled is false: forged events will be published",
             )
-        if owned and isinstance(chosen, AmqpPublisher):
-            await chosen.start()
+        metrics.configure(config.metrics.max_event_codes, config.metrics.max_job_statuses)
+        # The outbox folder's lock before anything else: a second daemon stops here.
         if outbox is not None:
             await outbox.open()
-        for leftover in stranded:
-            await leftover.open()
+        for leftover in list(stranded):
+            try:
+                await leftover.open()
+            except OutboxUnavailable as exc:  # in use by someone: theirs to replay
+                log.warning("outbox_not_adopted", folder=str(leftover.folder), reason=exc.detail)
+                stranded.remove(leftover)
+                continue
             log.info("outbox_adopted", folder=str(leftover.folder), events=leftover.depth)
+        if owned and isinstance(chosen, AmqpPublisher):
+            await chosen.start()
         log.info(
             "bridge_started", version=__version__, paths=[r.path for r in config.registrations]
         )
@@ -150,27 +157,42 @@ def create_app(
     async def healthz(_request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok"})
 
-    async def readyz(_request: web.Request) -> web.Response:
-        # Ready when events can be made safe: through the broker, or into the outbox.
-        state = {
-            "broker": "connected" if chosen.ready else "not connected",
-            "outbox": "off" if outbox is None else ("usable" if outbox.usable else "unusable"),
-            "outbox_depth": 0 if outbox is None else outbox.depth,
-        }
-        always = outbox is not None and config.outbox.mode == "always"
-        if (chosen.ready and not always) or (outbox is not None and outbox.usable):
-            return json_response(200, {"status": "ready", **state})
-        return json_response(503, {"status": "not_ready", **state}, {"Retry-After": "5"})
-
     async def metrics_handler(_request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(metrics.registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz", _readyz(config, chosen, outbox, stranded))
     app.router.add_get("/metrics", metrics_handler)
     return app
+
+
+def _readyz(
+    config: Config, publisher: Publisher, outbox: Outbox | None, stranded: list[Outbox]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``/readyz``: ready when events can be made safe, through the broker or into the outbox;
+    not while an outbox has a backlog that the connected broker does not take (stalled)."""
+    always = outbox is not None and config.outbox.mode == "always"
+
+    async def readyz(_request: web.Request) -> web.Response:
+        outboxes = [o for o in (outbox, *stranded) if o is not None]
+        stalled = any(o.stalled for o in outboxes)
+        usable = outbox is not None and outbox.usable
+        state = {
+            "broker": "connected" if publisher.ready else "not connected",
+            "outbox": "off"
+            if outbox is None
+            else "stalled"
+            if stalled
+            else ("usable" if usable else "unusable"),
+            "outbox_depth": sum(o.depth for o in outboxes),
+        }
+        if not stalled and ((publisher.ready and not always) or usable):
+            return json_response(200, {"status": "ready", **state})
+        return json_response(503, {"status": "not_ready", **state}, {"Retry-After": "5"})
+
+    return readyz
 
 
 def _outboxes(

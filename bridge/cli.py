@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, Registration, load_config
-from bridge.errors import BadRequest, ConfigError, Unavailable, UsageError
+from bridge.errors import BadRequest, ConfigError, PayloadTooLarge, Unavailable, UsageError
 from bridge.workers import PARENT_PID, SINGLE, WorkerSpec
 
 EX_CONFIG = 78
@@ -277,36 +278,69 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     import structlog
     from aiohttp import web
 
-    from bridge.app import PUBLISHER, create_app, reload_config
-    from bridge.publisher import AmqpPublisher
+    from bridge.app import create_app
+    from bridge.connections import ConnectionGuard, DescriptorAlarm
 
     log = structlog.get_logger("bridge.cli")
+    server = config.server
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(DescriptorAlarm())
+    bound = _connection_bound(server.max_connections)
+    # The port first, then the outbox: a second daemon on the same port stops here, before it
+    # reads (or replays) anything of the first one's. It listens only once all is ready.
+    sockets = _bind(server.host, server.port, reuse_port=worker.count > 1)
     app = create_app(config, worker=worker)
     _tune_gc()  # before the broker connection, which a reconnect replaces, exists
+    handler_args: dict[str, Any] = {
+        "access_log": None,
+        "keepalive_timeout": server.idle_timeout,
+        "auto_decompress": False,  # bodies are verified as they came: see the receiver
+        "lingering_time": 1.0,
+    }
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=config.server.shutdown_timeout
+        app, handle_signals=False, shutdown_timeout=server.shutdown_timeout, **handler_args
     )
     try:
         await runner.setup()
-    except Unavailable as exc:  # the outbox folder cannot be opened
+    except Unavailable as exc:  # the outbox folder is locked or cannot be opened
+        for sock in sockets:
+            sock.close()
         raise UsageError(exc.detail) from None
-    site = web.TCPSite(
-        runner,
-        config.server.host,
-        config.server.port,
-        backlog=1024,
-        reuse_port=worker.count > 1 or None,
+    guard = ConnectionGuard(bound, server.header_timeout, server.idle_timeout)
+    assert runner.server is not None
+    listeners = [
+        await loop.create_server(
+            guard.factory(runner.server, **handler_args), sock=sock, backlog=1024
+        )
+        for sock in sockets
+    ]
+    log.info(
+        "bridge_listening",
+        host=server.host,
+        port=sockets[0].getsockname()[1],
+        config=config.source,
+        max_connections=bound,
     )
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise UsageError(
-            f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
-        ) from None
+    signalled, problem = await _until_stopped(app, path, worker)
+    log.info("bridge_stopping", signal=signalled, problem=problem)
+    for listener in listeners:  # stop accepting; then answer what is in flight
+        listener.close()
+    # Lets in-flight requests finish (shutdown_timeout), then cleanup_ctx.
+    await runner.cleanup()
+    if problem is not None:
+        raise UsageError(problem)
+    return 0
+
+
+async def _until_stopped(app: Any, path: str, worker: WorkerSpec) -> tuple[str | None, str | None]:
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads the config), a fatal start-up problem, or
+    (a worker) the parent's death; the signal and the problem, if any."""
+    from bridge.app import PUBLISHER, reload_config
+    from bridge.publisher import AmqpPublisher
+
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
-    loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
 
     def on_signal(signum: signal.Signals) -> None:
@@ -321,9 +355,6 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    log.info(
-        "bridge_listening", host=config.server.host, port=config.server.port, config=config.source
-    )
     publisher = app[PUBLISHER]
     fatal = publisher.fatal if isinstance(publisher, AmqpPublisher) else None
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
@@ -338,12 +369,54 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     problem = (
         fatal.result() if fatal is not None and fatal.done() and not fatal.cancelled() else None
     )
-    log.info("bridge_stopping", signal=received[0] if received else None, problem=problem)
-    # Stops accepting, lets in-flight requests finish (shutdown_timeout), then cleanup_ctx.
-    await runner.cleanup()
-    if problem is not None:
-        raise UsageError(problem)
-    return 0
+    return (received[0] if received else None), problem
+
+
+def _connection_bound(configured: int) -> int:
+    """``server.max_connections``, lowered to what the descriptor limit (raised to its hard
+    limit first) can hold."""
+    import structlog
+
+    from bridge.connections import connection_bound, raise_descriptor_limit
+
+    descriptors = raise_descriptor_limit()
+    bound = connection_bound(configured, descriptors)
+    if bound < configured:
+        structlog.get_logger("bridge.cli").warning(
+            "connection_bound_lowered",
+            max_connections=bound,
+            descriptor_limit=descriptors,
+            detail="the process may not open more descriptors: raise its limit (ulimit -n)",
+        )
+    return bound
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Bound (not yet listening) sockets for every address of ``host``, or a one-line error."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in found))
+    if port == 0:
+        addresses = addresses[:1]  # one chosen port: the others would each get their own
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
 
 
 # A request allocates hundreds of objects (a batch, thousands) and frees nearly all of them by
@@ -452,6 +525,7 @@ def _route_registration(args: argparse.Namespace) -> Registration | None:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from bridge.adobe.envelope import parse_delivery
+    from bridge.authorize import refusal
     from bridge.routing import Router
 
     config = load_config(args.config, sections=("broker", "topology", "routes"))
@@ -463,8 +537,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {args.event}: {exc.strerror}") from None
     try:
         delivery = parse_delivery(raw, args.event_id, args.event_code)
-    except BadRequest as exc:
-        print(f"{args.event}: would be refused with 400: {exc.detail}")
+    except (BadRequest, PayloadTooLarge) as exc:
+        print(f"{args.event}: would be refused with {exc.status}: {exc.detail}")
         return 1
     if delivery.validation_url is not None:
         print(f"{args.event}: a validationUrl handshake: logged, answered 200, never published")
@@ -481,13 +555,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"    event code: {event.event_code}")
         print(f"    job status: {event.job_status or '(none)'}  job id: {event.job_id or '(none)'}")
         print(f"    IMS org:    {event.ims_org or '(none)'}")
-        print(f"    recipients: {', '.join(event.recipients) or '(none)'}")
+        print(
+            f"    recipient:  {event.recipient or '(none: ' + str(event.recipient_problem) + ')'}"
+        )
         if registration is not None:
-            refused = not any(r in registration.client_ids for r in event.recipients) or (
-                registration.ims_orgs and event.ims_org not in registration.ims_orgs
-            )
-            if refused:
-                print("    -> refused with 403: recipient or IMS org not this registration's")
+            refused = refusal(event, registration)
+            if refused is not None:
+                print(f"    -> refused with 403 ({refused.reason}): {refused.detail}")
                 continue
         for reason in decision.reasons:
             print(f"    {reason}")

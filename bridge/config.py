@@ -55,9 +55,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
-    max_in_flight: int = 256  # webhook requests at once; more get 429
+    max_batch_events: int = 1000  # Adobe sends at most 20; more is refused before any work
+    max_in_flight: int = 256  # verified webhook requests at once; more get 429
+    max_connections: int = 1024  # open connections; at the bound, idle ones are shed first
     # Adobe gives up after 10 s including connection set-up; we answer within this.
     answer_deadline: float = 7.5
+    body_timeout: float = 5.0  # the body must arrive within this once the headers have
+    header_timeout: float = 5.0  # a request's headers must arrive within this
+    idle_timeout: float = 15.0  # a connection with no request in progress is closed after this
     shutdown_timeout: float = 20.0
 
 
@@ -68,6 +73,8 @@ class BrokerConfig:
     connect_timeout: float = 5.0
     publish_timeout: float = 5.0
     reconnect_max_delay: float = 5.0
+    # Bodies over this the broker refuses (its max_message_size); 0: learn it from the broker.
+    max_message_bytes: int = 0
     exchange: str = "adobe.events"
     unrouted_exchange: str = "adobe.unrouted"
     unrouted_queue: str = "adobe.unrouted"
@@ -118,6 +125,14 @@ class DedupConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Label values that signed input chooses are bounded: the first N keep their own series."""
+
+    max_event_codes: int = 100
+    max_job_statuses: int = 20
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = "auto"  # json, console, or auto (console on a terminal)
     level: str = "info"
@@ -132,6 +147,7 @@ class Config:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     topology: Topology = field(default_factory=lambda: _DEFAULT_TOPOLOGY)
     routes: tuple[Route, ...] = field(default_factory=lambda: _DEFAULT_ROUTES)
     source: str = "<config>"
@@ -144,17 +160,40 @@ def _server(doc: Doc, node: yaml.Node | None) -> ServerConfig:
     s = doc.mapping(
         node,
         "server",
-        {"host", "port", "max_body_bytes", "max_in_flight", "answer_deadline", "shutdown_timeout"},
+        {
+            "host",
+            "port",
+            "max_body_bytes",
+            "max_batch_events",
+            "max_in_flight",
+            "max_connections",
+            "answer_deadline",
+            "body_timeout",
+            "header_timeout",
+            "idle_timeout",
+            "shutdown_timeout",
+        },
     )
     d = ServerConfig()
     cfg = ServerConfig(
         host=s.string("host", d.host),
         port=s.integer("port", d.port, 0, 65535),
         max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, 1024, 256 * 1024 * 1024),
+        max_batch_events=s.integer("max_batch_events", d.max_batch_events, 20, 100_000),
         max_in_flight=s.integer("max_in_flight", d.max_in_flight, 1, 100_000),
+        max_connections=s.integer("max_connections", d.max_connections, 16, 1_000_000),
         answer_deadline=s.number("answer_deadline", d.answer_deadline, 1.0, 8.0),
+        body_timeout=s.number("body_timeout", d.body_timeout, 0.1, 8.0),
+        header_timeout=s.number("header_timeout", d.header_timeout, 0.1, 60.0),
+        idle_timeout=s.number("idle_timeout", d.idle_timeout, 0.1, 3600.0),
         shutdown_timeout=s.number("shutdown_timeout", d.shutdown_timeout, 0.0, 600.0),
     )
+    if cfg.body_timeout >= cfg.answer_deadline:
+        doc.fail(
+            "server.body_timeout",
+            s.items.get("body_timeout"),
+            "must be below server.answer_deadline, so a late body still gets its 503 in time",
+        )
     if cfg.shutdown_timeout < cfg.answer_deadline:
         doc.fail(
             "server.shutdown_timeout",
@@ -174,6 +213,7 @@ def _broker(doc: Doc, node: yaml.Node | None) -> BrokerConfig:
             "connect_timeout",
             "publish_timeout",
             "reconnect_max_delay",
+            "max_message_bytes",
             "exchange",
             "unrouted_exchange",
             "unrouted_queue",
@@ -187,6 +227,7 @@ def _broker(doc: Doc, node: yaml.Node | None) -> BrokerConfig:
         connect_timeout=s.number("connect_timeout", d.connect_timeout, 0.1, 60.0),
         publish_timeout=s.number("publish_timeout", d.publish_timeout, 0.1, 9.0),
         reconnect_max_delay=s.number("reconnect_max_delay", d.reconnect_max_delay, 0.1, 300.0),
+        max_message_bytes=s.integer("max_message_bytes", d.max_message_bytes, 0, 1 << 31),
         exchange=s.string("exchange", d.exchange, _NAME),
         unrouted_exchange=s.string("unrouted_exchange", d.unrouted_exchange, _NAME),
         unrouted_queue=s.string("unrouted_queue", d.unrouted_queue, _NAME),
@@ -301,6 +342,15 @@ def _logging(doc: Doc, node: yaml.Node | None) -> LoggingConfig:
     )
 
 
+def _metrics(doc: Doc, node: yaml.Node | None) -> MetricsConfig:
+    s = doc.mapping(node, "metrics", {"max_event_codes", "max_job_statuses"})
+    d = MetricsConfig()
+    return MetricsConfig(
+        max_event_codes=s.integer("max_event_codes", d.max_event_codes, 1, 10_000),
+        max_job_statuses=s.integer("max_job_statuses", d.max_job_statuses, 1, 1_000),
+    )
+
+
 _SECTIONS: dict[str, Callable[[Doc, yaml.Node | None], Any]] = {
     "server": _server,
     "broker": _broker,
@@ -309,6 +359,7 @@ _SECTIONS: dict[str, Callable[[Doc, yaml.Node | None], Any]] = {
     "outbox": _outbox,
     "dedup": _dedup,
     "logging": _logging,
+    "metrics": _metrics,
 }
 
 

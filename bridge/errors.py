@@ -12,6 +12,7 @@
         ├── PayloadTooLarge          413  body over the configured limit
         ├── UnsupportedMediaType     415  content type is not JSON
         ├── TooManyRequests          429  too many requests in flight (``Retry-After``)
+        ├── ClientGone               499  the client went away mid-request: nothing to answer
         └── Unavailable              503  try again later (``Retry-After``)
             ├── KeyHostUnavailable        the public-key host could not be asked
             └── BrokerUnavailable         no confirm from the broker in time
@@ -46,9 +47,12 @@ class Refusal(BridgeError):
 
     status: int = 500
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, close: bool = False) -> None:
         self.reason = reason
         self.detail = detail
+        # Close the connection after the answer: the body was not read (a refusal before it,
+        # or one that stopped reading it), so nothing else could follow on this connection.
+        self.close = close
         super().__init__(f"{reason}: {detail}")
 
 
@@ -77,6 +81,12 @@ class PayloadTooLarge(Refusal):
 
 class UnsupportedMediaType(Refusal):
     status = 415
+
+
+class ClientGone(Refusal):
+    """The client closed the connection before we could answer (nginx's 499, never sent)."""
+
+    status = 499
 
 
 class Unavailable(Refusal):

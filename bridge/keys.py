@@ -7,8 +7,13 @@ Owns: the one outbound HTTP client of the daemon. Rules, each a defence:
 - redirects are not followed, bodies are capped (``key_max_bytes``), every fetch has a timeout;
 - a key is cached by path for ``key_cache_seconds`` (at most 24 h, as Adobe asks); a path that
   does not exist (403/404/410) or holds no acceptable RSA key is remembered for 10 s only;
-- concurrent requests for the same path share one fetch, at most four fetches run at once, and
-  misses are cached apart from keys, so made-up paths cannot evict a real key;
+- concurrent requests for the same path share one fetch, and misses are cached apart from keys,
+  so made-up paths cannot evict a real key;
+- paths that once held a good key (``known``: Adobe's, at most 64) are fetched again on slots of
+  their own; a path never seen (anyone can make one up, unsigned) waits for no one: at most
+  :data:`UNKNOWN_PER_SECOND` such fetches a second start (a burst of :data:`UNKNOWN_BURST`), and
+  one past that is a 503 at once (``key_fetch_limited``), so a flood of made-up paths never
+  delays the requests whose keys are known;
 - ``file:///folder`` base URLs read ``folder/prod/keys/pub-key-<id>.pem`` (tests, ``make run``).
 
 A definite "no such key" raises :class:`KeyMissing` (the signature cannot verify: 401); a host
@@ -39,7 +44,10 @@ T = TypeVar("T")
 NEGATIVE_TTL: Final = 10.0
 MAX_KEYS: Final = 64  # Adobe uses two keys at a time; rotations add a few
 MAX_MISSES: Final = 1024
-MAX_CONCURRENT_FETCHES: Final = 4
+MAX_CONCURRENT_FETCHES: Final = 4  # for paths never seen
+MAX_KNOWN_FETCHES: Final = 2  # for paths that held a good key: never behind the others
+UNKNOWN_PER_SECOND: Final = 2.0
+UNKNOWN_BURST: Final = 8.0
 _MISSING_STATUSES: Final = frozenset({403, 404, 410})  # CloudFront/S3 answer 403 for no object
 
 
@@ -66,6 +74,10 @@ class KeyStore:
         self._keys: dict[str, tuple[float, rsa.RSAPublicKey]] = {}
         self._misses: dict[str, tuple[float, KeyMissing]] = {}
         self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+        self._known_slots = asyncio.Semaphore(MAX_KNOWN_FETCHES)
+        self._known: dict[str, None] = {}  # paths that held a good key, oldest first
+        self._tokens = UNKNOWN_BURST
+        self._refilled = clock()
         self._pending: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
         self._session: aiohttp.ClientSession | None = None
         base = config.key_base_url
@@ -103,9 +115,12 @@ class KeyStore:
             return known
         task = self._pending.get(path)
         if task is None:
+            seen = path in self._known
+            if not seen:
+                self._admit_unknown()
             # The fetch runs in its own task: a request that gives up (deadline, client gone)
             # does not cancel it for the others waiting on the same path.
-            task = asyncio.create_task(self._fetch_and_store(path), name=f"fetch-key {path}")
+            task = asyncio.create_task(self._fetch_and_store(path, seen), name=f"fetch-key {path}")
             self._pending[path] = task
             task.add_done_callback(self._fetch_done)
         return await asyncio.shield(task)
@@ -115,9 +130,24 @@ class KeyStore:
         if not task.cancelled():
             task.exception()  # retrieved here, so an unwaited failure is not reported as lost
 
-    async def _fetch_and_store(self, path: str) -> rsa.RSAPublicKey:
-        # A few fetches at a time: made-up paths cannot open a hundred connections at once.
-        async with self._fetch_slots:
+    def _admit_unknown(self) -> None:
+        """A token for a fetch of a path never seen, or a 503 now (a token bucket)."""
+        now = self._clock()
+        self._tokens = min(
+            UNKNOWN_BURST, self._tokens + (now - self._refilled) * UNKNOWN_PER_SECOND
+        )
+        self._refilled = now
+        if self._tokens < 1.0:
+            metrics.KEY_LOOKUPS.labels("limited").inc()
+            raise KeyHostUnavailable(
+                "key_fetch_limited", "too many public keys of unknown paths asked for: retry later"
+            )
+        self._tokens -= 1.0
+
+    async def _fetch_and_store(self, path: str, known: bool) -> rsa.RSAPublicKey:
+        # A few fetches at a time: made-up paths cannot open a hundred connections at once,
+        # and Adobe's own paths have slots of their own.
+        async with self._known_slots if known else self._fetch_slots:
             try:
                 key = await self._fetch(path)
             except KeyMissing as exc:
@@ -128,6 +158,10 @@ class KeyStore:
         self._misses.pop(path, None)
         now = self._clock()
         _store(self._keys, MAX_KEYS, now, path, (now + self._config.key_cache_seconds, key))
+        self._known.pop(path, None)
+        self._known[path] = None
+        while len(self._known) > MAX_KEYS:
+            del self._known[next(iter(self._known))]
         return key
 
     async def _fetch(self, path: str) -> rsa.RSAPublicKey:

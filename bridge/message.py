@@ -8,10 +8,22 @@ Properties: ``content_type`` application/json, persistent, ``message_id`` = the 
 ``job-status`` for job-status events; ``ims-org-id`` where the event names one; and
 ``adobe-provider``, ``adobe-delivery-id``, ``adobe-retry-count``, ``traceparent`` copied from the
 request when present.
+
+Bounds, so that every message fits any broker (AMQP short strings are at most 255 bytes; a
+content header must fit one frame, at least 4 KiB) and the body is never changed:
+
+- ``message_id`` is the event id, or ``sha256:<hex>`` of it when the id is over 255 bytes (stable
+  across Adobe's retries, so consumers still deduplicate on it); the ``event-id`` header keeps the
+  id itself;
+- ``type`` is the event code cut to 255 bytes (the ``event-code`` header keeps it whole);
+- a header value over :data:`MAX_HEADER_VALUE_BYTES` is left out, and the header
+  ``bridge-omitted`` names every header left out (``bridge.frames`` leaves out more, largest
+  first, should the whole still not fit the connection's frame size).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +42,9 @@ COPIED_HEADERS = {
     "traceparent": "traceparent",
 }
 MAX_COPIED_HEADER = 1024
+MAX_SHORT_STRING = 255  # AMQP short strings: message_id, type
+MAX_HEADER_VALUE_BYTES = 4096
+OMITTED = "bridge-omitted"  # the header naming the headers left out for their size
 
 
 def header_text(
@@ -78,9 +93,46 @@ class Outbound:
     headers: dict[str, str]
     content_type: str = CONTENT_TYPE
     app_id: str = APP_ID
+    # The first message of its event (an event with several targets gives several messages):
+    # the one that counts the event in the metrics of published events.
+    primary: bool = True
 
 
-def build_message(event: Event, target: Target, context: RequestContext) -> Outbound:
+def fits_short_string(text: str) -> bool:
+    """Whether ``text`` is at most 255 bytes of UTF-8 (a character takes 1 to 4 bytes, so most
+    texts need no encoding to tell)."""
+    return len(text) * 4 <= MAX_SHORT_STRING or len(text.encode("utf-8")) <= MAX_SHORT_STRING
+
+
+def short_string(text: str) -> str:
+    """``text`` cut to at most 255 bytes of UTF-8, on a character boundary."""
+    if fits_short_string(text):
+        return text
+    return text.encode("utf-8")[:MAX_SHORT_STRING].decode("utf-8", "ignore")
+
+
+def message_id_for(event_id: str) -> str:
+    """The event id, or a digest of it when it is too long for the ``message_id`` property."""
+    if fits_short_string(event_id):
+        return event_id
+    return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def bound_headers(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` without the values over :data:`MAX_HEADER_VALUE_BYTES`, which ``OMITTED``
+    names; the same dict when nothing is left out (the common case costs a length check)."""
+    limit = MAX_HEADER_VALUE_BYTES
+    large = [n for n, v in headers.items() if len(v) * 4 > limit and len(v.encode()) > limit]
+    if not large:
+        return headers
+    kept = {n: v for n, v in headers.items() if n not in large}
+    kept[OMITTED] = ",".join(sorted(large))
+    return kept
+
+
+def build_message(
+    event: Event, target: Target, context: RequestContext, primary: bool = True
+) -> Outbound:
     headers = {
         "event-code": event.event_code,
         "event-id": event.event_id,
@@ -98,8 +150,9 @@ def build_message(event: Event, target: Target, context: RequestContext) -> Outb
         exchange=target.exchange,
         routing_key=target.routing_key,
         body=event.body,
-        message_id=event.event_id,
-        type=event.event_code,
+        message_id=message_id_for(event.event_id),
+        type=short_string(event.event_code),
         timestamp=context.received_at,
-        headers=headers,
+        headers=bound_headers(headers),
+        primary=primary,
     )

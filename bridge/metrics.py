@@ -1,7 +1,11 @@
 """The few Prometheus metrics that matter, in one registry served at ``/metrics``.
 
 Owns: metric names, labels and buckets. Labels stay low-cardinality: never an event id, a
-delivery id or a job id; event codes only on counters of published events.
+delivery id or a job id; event codes and job statuses (which signed input chooses) only on
+counters of published events, and bounded there: the first ``metrics.max_event_codes`` codes and
+``metrics.max_job_statuses`` statuses a process sees keep their own series, any later one is
+counted as ``other`` (:func:`configure`). Every other label value comes from the code or the
+configuration.
 """
 
 from __future__ import annotations
@@ -39,8 +43,14 @@ REQUEST_SECONDS = Histogram(
 )
 EVENTS_PUBLISHED = Counter(
     "bridge_events_published",
-    "Events confirmed by the broker, by event code and job status.",
+    "Events confirmed by the broker (once each, live or from the outbox), by event code and "
+    "job status (bounded: see metrics.max_event_codes).",
     ["event_code", "job_status"],
+    registry=REGISTRY,
+)
+EVENTS_STORED = Counter(
+    "bridge_events_stored",
+    "Events answered from the outbox (counted as published once the broker confirms them).",
     registry=REGISTRY,
 )
 EVENTS_DROPPED = Counter(
@@ -53,6 +63,17 @@ PUBLISH_FAILURES = Counter(
     "bridge_publish_failures",
     "Publishes that were not confirmed, by reason.",
     ["reason"],
+    registry=REGISTRY,
+)
+PUBLISH_LATE_CONFIRMS = Counter(
+    "bridge_publish_late_confirms",
+    "Confirms that came after the publish timeout: the outbox copy was then not replayed.",
+    registry=REGISTRY,
+)
+HEADERS_OMITTED = Counter(
+    "bridge_headers_omitted",
+    "Message headers left out because their value was too large (named in bridge-omitted).",
+    ["header"],
     registry=REGISTRY,
 )
 PUBLISH_SECONDS = Histogram(
@@ -69,7 +90,7 @@ VALIDATION_POSTS = Counter(
 )
 KEY_LOOKUPS = Counter(
     "bridge_public_key_lookups",
-    "Public key lookups by result: cached, fetched, missing, unavailable.",
+    "Public key lookups by result: cached, fetched, missing, unavailable, limited.",
     ["result"],
     registry=REGISTRY,
 )
@@ -95,6 +116,13 @@ OUTBOX_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+QUARANTINED = Counter(
+    "bridge_quarantined",
+    "Events the broker refuses for what they are, kept in the quarantine file, by kind: "
+    "unpublishable (refused before sending), broker_refused (the broker closed over it).",
+    ["kind"],
+    registry=REGISTRY,
+)
 OUTBOX_FSYNC_SECONDS = Histogram(
     "bridge_outbox_write_seconds",
     "Time of one grouped outbox write with its fsync.",
@@ -107,12 +135,61 @@ BROKER_READY = Gauge(
     multiprocess_mode="livemin",
     registry=REGISTRY,
 )
+CONNECTIONS_OPEN = Gauge(
+    "bridge_connections_open",
+    "HTTP connections open on the webhook port.",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+CONNECTIONS_CLOSED = Counter(
+    "bridge_connections_closed",
+    "HTTP connections the bridge closed, by reason: idle_timeout, headers_timeout, "
+    "shed_idle, shed_headers, shed_request, over_limit, bad_request, body_timeout.",
+    ["reason"],
+    registry=REGISTRY,
+)
+DESCRIPTORS_EXHAUSTED = Counter(
+    "bridge_descriptors_exhausted",
+    "Connections the kernel could not hand over for want of file descriptors.",
+    registry=REGISTRY,
+)
 BROKER_CONNECTS = Counter(
     "bridge_broker_connects",
     "Broker connection attempts by result.",
     ["result"],
     registry=REGISTRY,
 )
+
+
+OTHER = "other"
+MAX_LABEL_CHARS = 128
+
+
+class FirstSeen:
+    """A label's first ``limit`` distinct values; every later one (or a long one) is ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit or len(value) > MAX_LABEL_CHARS:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+_CODES = FirstSeen(100)
+_STATUSES = FirstSeen(20)
+
+
+def configure(max_event_codes: int, max_job_statuses: int) -> None:
+    """Bound the event-code and job-status labels (``metrics.*`` in the config)."""
+    global _CODES, _STATUSES
+    _CODES, _STATUSES = FirstSeen(max_event_codes), FirstSeen(max_job_statuses)
+    events_published.cache_clear()
 
 
 # The hot path's labelled children, looked up once: ``labels()`` takes a lock and builds a key
@@ -129,7 +206,7 @@ def request_seconds(registration: str) -> Histogram:
 
 @functools.lru_cache(maxsize=1024)
 def events_published(event_code: str, job_status: str) -> Counter:
-    return EVENTS_PUBLISHED.labels(event_code, job_status)
+    return EVENTS_PUBLISHED.labels(_CODES(event_code), _STATUSES(job_status))
 
 
 KEYS_CACHED = KEY_LOOKUPS.labels("cached")

@@ -1,20 +1,25 @@
-"""The on-disk outbox: where an accepted event waits when the broker cannot take it yet.
+"""The outbox: where an accepted event waits when the broker cannot take it yet.
 
 A request is answered 200 only when every event is safe: confirmed by RabbitMQ, or written here
-and fsync'ed. A replayer publishes the backlog oldest first, with confirms, once the broker can
-take it, and forgets records only after their confirm.
+and fsync'ed (the files, their lock and their durability: ``bridge.segments``). A replayer
+publishes the backlog oldest first, with confirms, once the broker can take it, and forgets a
+record only after its confirm.
 
-On disk (``outbox.dir``): append-only segment files ``segment-<n>.log`` of framed records, and a
-``cursor`` file naming the first record not yet confirmed. A frame is::
-
-    b"EBX1" | length (u32, big-endian) | crc32 of the payload (u32) | payload
-
-and a payload is ``len(meta) (u32) | meta (JSON: exchange, routing key, properties, headers) |
-body``. Writes are grouped: every append waiting at the same moment shares one write and one
-``fsync`` (group commit). At start the outbox reads every segment, keeps the frames that check
-out and truncates a torn tail (a crash in the middle of a write); segments wholly before the
-cursor are deleted. The cursor is replaced atomically (write, fsync, rename) after a batch is
-confirmed, so a crash between confirm and cursor means a duplicate, never a loss.
+- **Group commit.** Every append waiting at the same moment shares one write and one ``fsync``.
+- **In doubt.** A publish that timed out may still be confirmed: the publisher hands over its
+  open confirm with the message. The replayer waits for that verdict (at most
+  ``publisher.DOUBT_SECONDS``) and replays the record only if it is not an ack, so a slow
+  confirm and the stored copy never both reach the queue.
+- **Poison records.** A record no broker takes as it is (the publisher refuses it before
+  sending), or one the broker refuses alone twice by closing the channel or connection over it,
+  goes to the quarantine file with its reason: counted, logged, never replayed, and never in the
+  way of the records behind it. After a close that names no message, the replayer sends the
+  records it was sending one at a time, to find the one.
+- **Stalled.** A backlog that makes no progress for :data:`STALL_SECONDS` although the broker is
+  connected is ``stalled``: ``/readyz`` then says not ready.
+- **Folder lost.** If the folder is deleted or replaced while we run, the next write notices it
+  before anyone is answered, and everything the outbox holds is written into a new folder from
+  memory; if that fails, the appends get a 503.
 
 Bounds: ``outbox.max_bytes`` of unconfirmed records (more: :class:`OutboxFull`, a 503), and a
 full disk or any write error is :class:`OutboxUnavailable` (a 503, never a 200).
@@ -28,33 +33,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import struct
 import time
 import weakref
-import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
 import structlog
+from pamqp.commands import Basic
 
 from bridge import metrics
 from bridge.errors import BrokerUnavailable, Unavailable
 from bridge.message import Outbound
-from bridge.publisher import Publisher
+from bridge.publisher import DOUBT_SECONDS, Publisher, unsafe_and_refused
+from bridge.segments import OutboxLocked, QuarantineFile, SegmentLog, encode
 
 log = structlog.get_logger("bridge.outbox")
 
-MAGIC: Final = b"EBX1"
-FRAME: Final = struct.Struct(">4sII")
-META_LENGTH: Final = struct.Struct(">I")
-SEGMENT_BYTES: Final = 8 * 1024 * 1024
 REPLAY_BATCH: Final = 64
+STALL_SECONDS: Final = 30.0
+STRIKES: Final = 2  # refusals of a record sent alone before it is quarantined
 
 
 class OutboxFull(Unavailable):
@@ -65,64 +66,15 @@ class OutboxUnavailable(Unavailable):
     pass
 
 
-def encode(message: Outbound) -> bytes:
-    meta = orjson.dumps(
-        {
-            "exchange": message.exchange,
-            "routing_key": message.routing_key,
-            "message_id": message.message_id,
-            "type": message.type,
-            "timestamp": message.timestamp.isoformat(),
-            "headers": message.headers,
-            "content_type": message.content_type,
-            "app_id": message.app_id,
-        }
-    )
-    payload = META_LENGTH.pack(len(meta)) + meta + message.body
-    return FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def decode(data: bytes) -> tuple[list[tuple[int, Outbound]], int]:
-    """The records in ``data`` with the offset just past each, and where the valid part ends."""
-    records: list[tuple[int, Outbound]] = []
-    offset = 0
-    while offset + FRAME.size <= len(data):
-        magic, length, crc = FRAME.unpack_from(data, offset)
-        start, end = offset + FRAME.size, offset + FRAME.size + length
-        if magic != MAGIC or end > len(data):
-            break
-        payload = data[start:end]
-        if zlib.crc32(payload) != crc or length < META_LENGTH.size:
-            break
-        (meta_length,) = META_LENGTH.unpack_from(payload)
-        try:
-            meta: dict[str, Any] = orjson.loads(
-                payload[META_LENGTH.size : META_LENGTH.size + meta_length]
-            )
-            message = Outbound(
-                exchange=meta["exchange"],
-                routing_key=meta["routing_key"],
-                body=payload[META_LENGTH.size + meta_length :],
-                message_id=meta["message_id"],
-                type=meta["type"],
-                timestamp=datetime.fromisoformat(meta["timestamp"]),
-                headers=meta["headers"],
-                content_type=meta["content_type"],
-                app_id=meta["app_id"],
-            )
-        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
-            break
-        records.append((end, message))
-        offset = end
-    return records, offset
-
-
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     segment: int
     end: int  # offset just past the record in its segment
     message: Outbound
     size: int
+    doubt: asyncio.Future[Any] | None = None  # the open confirm of a publish that timed out
+    settled: bool = False  # confirmed or quarantined: forgotten once those before it are
+    strikes: int = 0
 
 
 _OPEN: weakref.WeakSet[Outbox] = weakref.WeakSet()
@@ -131,6 +83,11 @@ _OPEN: weakref.WeakSet[Outbox] = weakref.WeakSet()
 def _report_depth() -> None:
     """``bridge_outbox_depth``: every outbox of this process (worker 0 may replay several)."""
     metrics.OUTBOX_DEPTH.set(sum(outbox.depth for outbox in _OPEN))
+
+
+def _count_published(message: Outbound) -> None:
+    if message.primary:
+        metrics.events_published(message.type, message.headers.get("job-status", "none")).inc()
 
 
 class Outbox:
@@ -144,7 +101,8 @@ class Outbox:
         exchanges: set[str] | None = None,
         unrouted_exchange: str = "",
     ) -> None:
-        self.folder = Path(folder)
+        self.files = SegmentLog(Path(folder))
+        self.quarantine_file = QuarantineFile(Path(folder))
         self.max_bytes = max_bytes
         self.publisher = publisher
         # A record whose exchange the topology no longer has would fail forever (and close the
@@ -153,18 +111,26 @@ class Outbox:
         self.unrouted_exchange = unrouted_exchange
         self._pending: deque[_Pending] = deque()
         self._bytes = 0
-        self._segment = 0
-        self._segment_size = 0
-        self._fd: int | None = None
-        self._rotate = False  # the current segment may hold a half-written frame: move on
+        self._open = False
         self._write_failed = False
-        self._queue: list[tuple[list[bytes], list[Outbound], asyncio.Future[None]]] = []
+        self._queue: list[
+            tuple[
+                list[bytes], list[Outbound], list[asyncio.Future[Any] | None], asyncio.Future[None]
+            ]
+        ] = []
         self._wake_writer = asyncio.Event()
         self._wake_replayer = asyncio.Event()
-        self._drained = asyncio.Event()  # set after every confirmed replay batch
-        self._io = asyncio.Lock()  # the writer's writes and the replayer's segment rotation
+        self._drained = asyncio.Event()  # set whenever records are forgotten
+        self._io = asyncio.Lock()  # the files: writes, rewrites, the cursor, rotation
         self._tasks: list[asyncio.Task[None]] = []
+        self._isolate = 0  # records still to replay one at a time (see the module docstring)
+        self._failing_since: float | None = None
         self.replayed = 0
+        self.quarantined = 0
+
+    @property
+    def folder(self) -> Path:
+        return self.files.folder
 
     @property
     def depth(self) -> int:
@@ -172,20 +138,40 @@ class Outbox:
 
     @property
     def usable(self) -> bool:
-        return self._fd is not None and self._bytes < self.max_bytes and not self._write_failed
+        return self._open and self._bytes < self.max_bytes and not self._write_failed
 
-    def _path(self, segment: int) -> Path:
-        return self.folder / f"segment-{segment:012d}.log"
+    @property
+    def stalled(self) -> bool:
+        """A backlog the broker does not take although it is connected, for a while."""
+        since = self._failing_since
+        return (
+            bool(self._pending)
+            and since is not None
+            and time.monotonic() - since >= (STALL_SECONDS)
+        )
 
     # -- start-up -------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Take the folder's lock, then read what a previous run left (raises
+        :class:`OutboxUnavailable` when either fails: ``outbox_locked``, ``outbox_unavailable``)."""
         try:
-            await asyncio.to_thread(self._recover)
+            found = await asyncio.to_thread(self._open_files)
+        except OutboxLocked as exc:
+            raise OutboxUnavailable("outbox_locked", str(exc)) from None
         except OSError as exc:
             raise OutboxUnavailable(
                 "outbox_unavailable", f"cannot open the outbox in {self.folder}: {exc.strerror}"
             ) from None
+        if self.files.torn is not None:
+            name, kept, dropped = self.files.torn
+            log.warning(
+                "outbox_torn_tail_truncated", segment=name, kept_bytes=kept, dropped_bytes=dropped
+            )
+        for segment, end, message, size in found:
+            self._pending.append(_Pending(segment, end, message, size))
+            self._bytes += size
+        self._open = True
         _OPEN.add(self)
         self._tasks = [
             asyncio.create_task(self._writer(), name="outbox-writer"),
@@ -201,95 +187,41 @@ class Outbox:
             )
             self._wake_replayer.set()
 
-    def _recover(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        cursor_segment, cursor_offset = self._read_cursor()
-        segments = sorted(self._segments())
-        for number in segments:
-            path = self._path(number)
-            if number < cursor_segment:
-                path.unlink()
-                continue
-            data = path.read_bytes()
-            records, valid = decode(data)
-            if valid < len(data):
-                log.warning(
-                    "outbox_torn_tail_truncated",
-                    segment=path.name,
-                    kept_bytes=valid,
-                    dropped_bytes=len(data) - valid,
-                )
-                with path.open("r+b") as handle:
-                    handle.truncate(valid)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            start = cursor_offset if number == cursor_segment else 0
-            previous = 0
-            for end, message in records:
-                if end > start:
-                    self._pending.append(_Pending(number, end, message, end - previous))
-                    self._bytes += end - previous
-                previous = end
-        # Always a segment after everything there is, and after the cursor's.
-        self._open_segment(max(segments[-1] if segments else -1, cursor_segment) + 1)
-
-    def _read_cursor(self) -> tuple[int, int]:
-        try:
-            text = (self.folder / "cursor").read_text().split()
-            return int(text[0]), int(text[1])
-        except (OSError, ValueError, IndexError):
-            return 0, 0
-
-    def _write_cursor(self, segment: int, offset: int) -> None:
-        temporary = self.folder / "cursor.tmp"
-        with temporary.open("w") as handle:
-            handle.write(f"{segment} {offset}\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(self.folder / "cursor")
-        directory = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def _open_segment(self, number: int | None = None) -> None:
-        """Switch writing to segment ``number`` (default: the current one). The new file is
-        opened before the old is closed, and nothing changes if the open fails."""
-        number = self._segment if number is None else number
-        # A raw descriptor, no buffer: after a failed write nothing lingers to be flushed later.
-        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        old, self._fd, self._segment = self._fd, fd, number
-        self._segment_size = os.fstat(fd).st_size
-        self._rotate = False
-        if old is not None:
-            os.close(old)
+    def _open_files(self) -> list[tuple[int, int, Outbound, int]]:
+        self.files.lock()  # before anything is read: another daemon's records are not ours
+        return self.files.recover()
 
     async def close(self) -> None:
         # Under the lock: a write or rotation running in a thread (which cancelling its task
-        # would not stop) finishes before the tasks go and the descriptor is closed.
+        # would not stop) finishes before the tasks go and the descriptors are closed.
         async with self._io:
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            for _, _, future in self._queue:
+            for _, _, _, future in self._queue:
                 if not future.done():
                     future.set_exception(
                         OutboxUnavailable("outbox_closed", "the outbox is closing")
                     )
             self._queue.clear()
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._open = False
+            self.quarantine_file.close()
+            self.files.close()  # releases the folder's lock
             _OPEN.discard(self)
 
     # -- writing --------------------------------------------------------------------------------
 
-    async def append(self, messages: Sequence[Outbound]) -> None:
-        """Return once every message is written and fsync'ed, or raise a 503-kind error."""
-        if self._fd is None:
+    async def append(
+        self,
+        messages: Sequence[Outbound],
+        doubts: Sequence[asyncio.Future[Any] | None] | None = None,
+    ) -> None:
+        """Return once every message is written and fsync'ed, or raise a 503-kind error.
+
+        ``doubts``: for each message, the open confirm of a publish that timed out, if any."""
+        if not self._open:
             raise OutboxUnavailable("outbox_unavailable", "the outbox is not open")
         frames = [encode(m) for m in messages]
         size = sum(len(f) for f in frames)
@@ -298,7 +230,7 @@ class Outbox:
             raise OutboxFull("outbox_full", f"the outbox holds {self._bytes} bytes, the limit")
         self._bytes += size  # reserved now, so concurrent appends cannot overshoot the bound
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((frames, list(messages), future))
+        self._queue.append((frames, list(messages), list(doubts or [None] * len(messages)), future))
         self._wake_writer.set()
         # Shielded: a request that gives up (deadline) does not cancel a write others share.
         await asyncio.shield(future)
@@ -310,67 +242,75 @@ class Outbox:
             batch, self._queue = self._queue, []
             if not batch:
                 continue
-            data = b"".join(b"".join(frames) for frames, _, _ in batch)
+            frames = [frame for group, _, _, _ in batch for frame in group]
             started = time.perf_counter()
             try:
                 async with self._io:
-                    ends = await asyncio.to_thread(self._write, data, [f for f, _, _ in batch])
+                    ends = await asyncio.to_thread(self._write, frames)
+                    records = [
+                        _Pending(segment, end, message, len(frame), doubt)
+                        for (segment, end), frame, message, doubt in zip(
+                            ends,
+                            frames,
+                            (m for _, group, _, _ in batch for m in group),
+                            (d for _, _, group, _ in batch for d in group),
+                            strict=True,
+                        )
+                    ]
+                    self._pending.extend(records)
             except Exception as exc:  # noqa: BLE001 - every failure is a 503 for these appends
                 self._write_failed = True
-                self._bytes -= len(data)
+                self._bytes -= sum(len(f) for f in frames)
                 metrics.OUTBOX_REFUSED.labels("write_failed").inc()
-                log.error(
-                    "outbox_write_failed", error=str(exc), events=sum(len(m) for _, m, _ in batch)
-                )
+                log.error("outbox_write_failed", error=str(exc), events=len(frames))
                 error = OutboxUnavailable("outbox_unavailable", f"outbox write failed: {exc}")
-                for _, _, future in batch:
+                for _, _, _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
             self._write_failed = False
             metrics.OUTBOX_FSYNC_SECONDS.observe(time.perf_counter() - started)
-            for (frames, messages, future), record_ends in zip(batch, ends, strict=True):
-                previous_sizes = [len(f) for f in frames]
-                for message, (segment, end), size in zip(
-                    messages, record_ends, previous_sizes, strict=True
-                ):
-                    self._pending.append(_Pending(segment, end, message, size))
+            for record in records:
+                if record.doubt is not None:
+                    record.doubt.add_done_callback(self._settler(record))
+            for _, _, _, future in batch:
                 if not future.done():
                     future.set_result(None)
             _report_depth()
             self._wake_replayer.set()
 
-    def _write(self, data: bytes, frames: list[list[bytes]]) -> list[list[tuple[int, int]]]:
-        """Write and fsync (in a thread); returns (segment, end offset) for every frame."""
-        if self._segment_size >= SEGMENT_BYTES or self._rotate:
-            self._open_segment(self._segment + 1)
-        start = self._segment_size
-        assert self._fd is not None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
-        except OSError:
-            # Leave no half-written frame behind: a frame after it would be cut off at the next
-            # start. If the file cannot be put back as it was, the next write starts a new one.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
-            try:
-                self._rotate = os.fstat(self._fd).st_size != start
-            except OSError:
-                self._rotate = True
-            raise
-        ends: list[list[tuple[int, int]]] = []
-        offset = start
-        for group in frames:
-            group_ends = []
-            for frame in group:
-                offset += len(frame)
-                group_ends.append((self._segment, offset))
-            ends.append(group_ends)
-        self._segment_size = offset
-        return ends
+    def _write(self, frames: list[bytes]) -> list[tuple[int, int]]:
+        """Write and fsync (in a thread, under ``_io``); (segment, end) of every frame. Should
+        the folder be gone, everything held is written into a new one first."""
+        ends = self.files.write(b"".join(frames), [len(f) for f in frames])
+        if self.files.intact():
+            return ends
+        return self._rewrite(frames)
+
+    def _rewrite(self, frames: list[bytes]) -> list[tuple[int, int]]:
+        """The folder (or a segment) was deleted or replaced: write every record not yet
+        confirmed, then ``frames``, into a new folder; (segment, end) of ``frames``."""
+        held = [p for p in self._pending if not p.settled]
+        held_frames = [encode(p.message) for p in held]
+        ends = iter(self.files.rewrite(held_frames + frames))
+        position = (self.files.segment, 0)
+        frame_of = dict(zip(map(id, held), held_frames, strict=True))
+        for record in self._pending:
+            # Settled records are not written again; each takes the place of the record before
+            # it, so the cursor only ever moves forward.
+            if not record.settled:
+                position = next(ends)
+                frame = frame_of[id(record)]
+                self._bytes += len(frame) - record.size
+                record.size = len(frame)
+            record.segment, record.end = position
+        log.error(
+            "outbox_folder_lost",
+            folder=str(self.folder),
+            rewritten=len(held) + len(frames),
+            action="recreated the folder and wrote every waiting event into it again",
+        )
+        return list(ends)
 
     # -- replaying ------------------------------------------------------------------------------
 
@@ -387,74 +327,186 @@ class Outbox:
     async def _replay(self) -> None:
         delay = 0.2
         while True:
+            await self._advance()
             if not self._pending:
+                self._failing_since = None
                 self._wake_replayer.clear()
                 await self._wake_replayer.wait()
+                continue
+            head = next(p for p in self._pending if not p.settled)
+            if head.doubt is not None and not head.doubt.done():
+                # Its publish may yet be confirmed: wait for the verdict, not a second copy.
+                await asyncio.wait({head.doubt}, timeout=DOUBT_SECONDS + 1.0)
+                if not head.doubt.done():  # the publisher's own bound did not come: go on
+                    head.doubt = None
                 continue
             if not self.publisher.ready:
                 await asyncio.sleep(delay)
                 continue
-            batch = list(self._pending)[:REPLAY_BATCH]
+            batch = self._next_batch()
+            sending = [self._homed(p.message) for p in batch]
             try:
-                await self.publisher.publish([self._homed(p.message) for p in batch])
+                await self.publisher.publish(sending)
             except BrokerUnavailable as exc:
-                log.warning(
-                    "outbox_replay_failed", reason=exc.reason, events=len(batch), retry_in=delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not await self._after_failure(batch, sending, exc):
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                    log.warning(
+                        "outbox_replay_failed",
+                        reason=exc.reason,
+                        events=len(batch),
+                        retry_in=delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
                 continue
+            for record in batch:
+                record.settled = True
+                _count_published(record.message)
+            self._replayed(len(batch))
+            self._failing_since = None
             delay = 0.2
-            last = batch[-1]
+
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest records to send: up to a batch, one while isolating, none past a record
+        whose earlier publish is still in doubt."""
+        size = 1 if self._isolate else REPLAY_BATCH
+        batch: list[_Pending] = []
+        for record in self._pending:
+            if record.settled:
+                continue
+            if record.doubt is not None and not record.doubt.done():
+                break
+            batch.append(record)
+            if len(batch) == size:
+                break
+        return batch
+
+    def _replayed(self, count: int) -> None:
+        self.replayed += count
+        metrics.OUTBOX_REPLAYED.inc(count)
+        self._isolate = max(0, self._isolate - count)
+
+    async def _after_failure(
+        self, batch: list[_Pending], sending: list[Outbound], exc: BrokerUnavailable
+    ) -> bool:
+        """Settle what the failed publish did confirm, keep its doubts, and quarantine what is
+        poison; True when some record was settled (progress)."""
+        unsafe, refused = unsafe_and_refused(exc, sending)
+        record_of = {id(out): record for out, record in zip(sending, batch, strict=True)}
+        not_confirmed = {id(out) for out, _ in unsafe} | {id(out) for out, _ in refused}
+        confirmed = [
+            r for out, r in zip(sending, batch, strict=True) if id(out) not in not_confirmed
+        ]
+        for record in confirmed:
+            record.settled = True
+            _count_published(record.message)
+        if confirmed:
+            self._replayed(len(confirmed))
+        for out, doubt in unsafe:
+            if doubt is not None:
+                record = record_of[id(out)]
+                record.doubt = doubt
+                doubt.add_done_callback(self._settler(record))
+        poison = [(record_of[id(out)], "unpublishable", why) for out, why in refused]
+        if exc.reason == "broker_refused" and not refused:
+            if len(batch) > 1:
+                self._isolate = len(batch)  # which one? send them one at a time to find out
+            else:
+                record = batch[0]
+                record.strikes += 1
+                if record.strikes >= STRIKES:
+                    poison.append((record, "broker_refused", exc.detail))
+        if poison:
+            await self.quarantine([(r.message, kind, why) for r, kind, why in poison])
+            for record, _, _ in poison:
+                record.settled = True
+            self._isolate = max(0, self._isolate - len(poison))
+        return bool(confirmed or poison)
+
+    async def quarantine(self, entries: Sequence[tuple[Outbound, str, str]]) -> None:
+        """Keep ``(message, kind, reason)`` in the quarantine file durably (OSError if not):
+        messages the broker refuses for what they are."""
+        now = datetime.now(UTC).isoformat()
+        frames = [
+            encode(message, quarantine_reason=reason, quarantined_at=now)
+            for message, _, reason in entries
+        ]
+        async with self._io:
+            await asyncio.to_thread(self.quarantine_file.add, frames)
+        for message, kind, reason in entries:
+            self.quarantined += 1
+            metrics.QUARANTINED.labels(kind).inc()
+            log.error(
+                "event_quarantined",
+                message_id=message.message_id,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                body_bytes=len(message.body),
+                reason=reason,
+                file=str(self.quarantine_file.path),
+                action="kept aside, never replayed: see `events-bridge quarantine`",
+            )
+
+    def settle_late(self, record: _Pending, confirmation: asyncio.Future[Any]) -> None:
+        """The verdict on a record's earlier publish came: an ack settles it (no replay)."""
+        if confirmation.cancelled() or confirmation.exception() is not None:
+            return  # not confirmed: the replayer sends it
+        if isinstance(confirmation.result(), Basic.Ack) and not record.settled:
+            record.settled = True
+            _count_published(record.message)
+        self._wake_replayer.set()
+
+    def _settler(self, record: _Pending) -> Any:
+        return lambda confirmation: self.settle_late(record, confirmation)
+
+    async def _advance(self) -> None:
+        """Forget the settled records at the front: the cursor moves past them."""
+        if not self._pending or not self._pending[0].settled:
+            return
+        async with self._io:
+            last = None
+            while self._pending and self._pending[0].settled:
+                last = self._pending.popleft()
+                self._bytes -= last.size
+            if last is None:
+                return
             try:
-                await asyncio.to_thread(self._write_cursor, last.segment, last.end)
+                await asyncio.to_thread(self.files.write_cursor, last.segment, last.end)
+                await asyncio.to_thread(self.files.forget_before, last.segment)
             except OSError as exc:
                 # Confirmed all the same: a restart before the cursor is written replays them
-                # again (duplicates, never a loss).
+                # again (duplicates, never a loss). A folder gone is written anew at once.
                 log.warning("outbox_cursor_write_failed", error=str(exc))
-            for _ in batch:
-                done = self._pending.popleft()
-                self._bytes -= done.size
-            self.replayed += len(batch)
-            self._drained.set()
-            metrics.OUTBOX_REPLAYED.inc(len(batch))
-            _report_depth()
-            await asyncio.to_thread(self._forget_segments_before, last.segment)
-            if not self._pending:
-                await self._start_afresh()
-                log.info("outbox_drained", replayed=self.replayed)
+                if not await asyncio.to_thread(self.files.intact):
+                    with contextlib.suppress(OSError, OutboxLocked):
+                        await asyncio.to_thread(self._rewrite, [])
+        self._drained.set()
+        _report_depth()
+        if not self._pending:
+            await self._start_afresh()
+            log.info("outbox_drained", replayed=self.replayed)
 
     async def _start_afresh(self) -> None:
         """Everything is confirmed: move to a new segment and delete the old ones, so the space
         they take (a full disk, maybe) is free for the next outage."""
         async with self._io:
-            if self._pending or self._segment_size == 0:
+            if self._pending or self.files.segment_size == 0:
                 return
-            old = self._segment
-            await asyncio.to_thread(self._open_segment, old + 1)
-            await asyncio.to_thread(self._forget_segments_before, self._segment)
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self._write_cursor, self._segment, 0)
+            old = self.files.segment
+            try:
+                await asyncio.to_thread(self.files.open_segment, old + 1)
+                await asyncio.to_thread(self.files.forget_before, self.files.segment)
+                await asyncio.to_thread(self.files.write_cursor, self.files.segment, 0)
+            except OSError as exc:
+                log.warning("outbox_segment_recycle_failed", error=str(exc))
+                return
             log.info("outbox_segment_recycled", segment=old)
 
     def _homed(self, message: Outbound) -> Outbound:
         if self.exchanges is None or message.exchange in self.exchanges:
             return message
         return dataclasses.replace(message, exchange=self.unrouted_exchange)
-
-    def _segments(self) -> dict[int, Path]:
-        """The segment files in the folder, by number (stray files are ignored)."""
-        found = {}
-        for path in self.folder.glob("segment-*.log"):
-            number = path.stem.removeprefix("segment-")
-            if number.isdigit():
-                found[int(number)] = path
-        return found
-
-    def _forget_segments_before(self, segment: int) -> None:
-        for number, path in self._segments().items():
-            if number < segment and number != self._segment:
-                path.unlink(missing_ok=True)
 
     async def drain(self, seconds: float) -> bool:
         """Give the replayer up to ``seconds`` to empty the outbox (SIGTERM); True if it did."""

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from functools import partial
+from typing import Any, Final, NamedTuple, Protocol
 
 import aio_pika
 import aio_pika.abc
@@ -54,14 +56,60 @@ from yarl import URL
 from bridge import metrics
 from bridge.config import BrokerConfig
 from bridge.errors import BrokerUnavailable
-from bridge.frames import publish_frames
-from bridge.message import Outbound
+from bridge.frames import HeaderTooLarge, Unpublishable, fit, publish_frames
+from bridge.message import OMITTED, Outbound
 from bridge.rules import Topology
 
 log = structlog.get_logger("bridge.publisher")
 
 FIRST_RETRY_DELAY = 0.2
 CLOSE_TIMEOUT = 2.0
+# A confirm still open when publish() gives up is in doubt: the broker may yet confirm it. The
+# caller keeps the message (the outbox) and hears the verdict when it comes; after this long
+# without one, it is taken as not confirmed.
+DOUBT_SECONDS: Final = 30.0
+# RabbitMQ's words when a message is over its max_message_size (rabbit_channel:check_msg_size).
+_MAX_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+# Closes that say "this message" rather than "not now": a precondition (the message's size), or
+# frames the broker cannot read. Access refused (403) and not found (404) are the topology's.
+REFUSALS: Final = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ConnectionFrameError,
+    aiormq.exceptions.ConnectionSyntaxError,
+    aiormq.exceptions.ConnectionCommandInvalid,
+    aiormq.exceptions.ConnectionUnexpectedFrame,
+    aiormq.exceptions.ConnectionNotImplemented,
+)
+
+
+class PublishFailed(BrokerUnavailable):
+    """Some messages of one :meth:`AmqpPublisher.publish` were not confirmed (a 503 unless the
+    caller makes them safe otherwise). The others were confirmed, and stay published.
+
+    ``unsafe``: each message not confirmed, with its confirm when that may still come (in doubt:
+    it resolves to an ack, or fails, within :data:`DOUBT_SECONDS`), else None. ``refused``: the
+    messages no broker would take as they are, each with why; publishing them again is useless.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        unsafe: Sequence[tuple[Outbound, asyncio.Future[Any] | None]] = (),
+        refused: Sequence[tuple[Outbound, str]] = (),
+    ) -> None:
+        super().__init__(reason, detail)
+        self.unsafe = list(unsafe)
+        self.refused = list(refused)
+
+
+def unsafe_and_refused(
+    exc: BrokerUnavailable, messages: Sequence[Outbound]
+) -> tuple[list[tuple[Outbound, asyncio.Future[Any] | None]], list[tuple[Outbound, str]]]:
+    """What a failed publish of ``messages`` left unsafe, and what it found unpublishable."""
+    if isinstance(exc, PublishFailed):
+        return exc.unsafe, exc.refused
+    return [(m, None) for m in messages], []
 
 
 class Publisher(Protocol):
@@ -175,6 +223,9 @@ class AmqpPublisher:
         self._flush_scheduled = False
         self._writing: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[Any]] = set()
+        # Bodies larger than this the broker refuses (its max_message_size): configured, or
+        # learned from the broker's own refusal. 0: not known.
+        self.max_message_bytes = config.max_message_bytes
 
     @property
     def ready(self) -> bool:
@@ -290,6 +341,7 @@ class AmqpPublisher:
     def _on_close(self, sender: Any, exc: BaseException | None = None) -> None:
         if sender is not self._channel and sender is not self._connection:
             return  # late news of a connection already dropped: not about the current one
+        self._learn(exc)
         metrics.BROKER_READY.set(0)
         self._fail_unconfirmed(self._underlay, exc)
         self._lost.set()
@@ -306,9 +358,24 @@ class AmqpPublisher:
             if isinstance(confirmation, Returning):  # a placeholder nobody awaits
                 continue
             if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+                # The broker's own reason (a refusal says which kind) when it gave one.
                 confirmation.set_exception(
-                    aiormq.exceptions.ChannelClosed(None, f"channel closed: {exc!r}")
+                    exc
+                    if isinstance(exc, aiormq.exceptions.AMQPError)
+                    else aiormq.exceptions.ChannelClosed(None, f"channel closed: {exc!r}")
                 )
+
+    def _learn(self, exc: BaseException | None) -> None:
+        """A broker that closed the channel for a message over its ``max_message_size`` says the
+        size: from now on such messages are refused before they are sent (and close nothing)."""
+        found = _MAX_SIZE.search(str(exc)) if exc is not None else None
+        if found is not None and int(found.group(2)) != self.max_message_bytes:
+            self.max_message_bytes = int(found.group(2))
+            log.warning(
+                "broker_max_message_size_learned",
+                max_message_bytes=self.max_message_bytes,
+                action="larger events go to the quarantine (a 413 with outbox.mode off)",
+            )
 
     async def _drop(self) -> None:
         metrics.BROKER_READY.set(0)
@@ -335,9 +402,10 @@ class AmqpPublisher:
     async def publish(self, messages: Sequence[Outbound]) -> None:
         """Publish all messages at once; return only when every one is confirmed.
 
-        Raises :class:`BrokerUnavailable` if any is not. Those that were confirmed stay
-        published: the sender retries the request and consumers deduplicate on ``message_id``.
-        All frames go out in one write; then one timer bounds the wait for all the confirms.
+        Raises :class:`PublishFailed` if any is not, saying which are unsafe (in doubt or
+        failed) and which are unpublishable. Those that were confirmed stay published: the
+        sender retries the request and consumers deduplicate on ``message_id``. All frames go
+        out in one write; then one timer bounds the wait for all the confirms.
         """
         if not messages:
             return
@@ -345,47 +413,104 @@ class AmqpPublisher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.publish_timeout  # for the whole call
         sent: list[_Sent] = []
-        expiry: asyncio.TimerHandle | None = None
-        try:
-            for out in messages:
-                sent.append(await self._start(out, deadline))
-            confirmations = [s.confirmation for s in sent]
-            expiry = loop.call_at(deadline, _expire, confirmations)
-            # The broker confirms in the order we published, nearly always: wait for the last
-            # one alone (asyncio.wait's machinery costs a callback per future), then for any
-            # that are still open.
-            try:
-                await confirmations[-1]
-            except asyncio.CancelledError:
-                # Our task's cancellation (a request's deadline) goes on; a confirm cancelled by
-                # someone else is only a verdict, read below like the others.
-                if _being_cancelled():
-                    raise
-            except Exception:  # noqa: BLE001, S110 - each verdict is read below
-                pass
-            if waiting := [c for c in confirmations if not c.done()]:
-                await asyncio.wait(waiting)
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            for out, confirmation, returns, tag in sent:
-                if self._in_flight_ids.get(out.message_id) is confirmation:
-                    del self._in_flight_ids[out.message_id]
-                if returns.get(out.message_id) == tag:
-                    del returns[out.message_id]
-                if not confirmation.done():  # we were cancelled: nobody will look at it
-                    confirmation.cancel()
-                elif not confirmation.cancelled():
-                    confirmation.exception()  # marks it retrieved: cancelled, nobody reads it
+        refused: list[tuple[Outbound, str]] = []
+        unsent: list[Outbound] = []
         failure: BrokerUnavailable | None = None
-        for out, confirmation, _, _ in sent:
-            problem = self._verdict(out, confirmation)
+        settled = False
+        try:
+            for n, out in enumerate(messages):
+                try:
+                    sent.append(await self._start(out, deadline))
+                except Unpublishable as exc:
+                    metrics.PUBLISH_FAILURES.labels("unpublishable").inc()
+                    refused.append((out, str(exc)))
+                except BrokerUnavailable as exc:  # not connected, or an earlier copy's wait
+                    failure, unsent = exc, list(messages[n:])
+                    break
+            if sent:
+                await self._wait(sent, deadline)
+            settled = True
+        finally:
+            if not settled:  # we were cancelled (a request's deadline): nobody will look
+                for entry in sent:
+                    self._forget(entry)
+                    if not entry.confirmation.done():
+                        entry.confirmation.cancel()
+        unsafe, failure = self._verdicts(sent, failure)
+        unsafe += [(out, None) for out in unsent]
+        if unsafe or refused:
+            if failure is None:
+                failure = BrokerUnavailable("unpublishable", refused[0][1])
+            raise PublishFailed(failure.reason, failure.detail, unsafe, refused)
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    def _verdicts(
+        self, sent: list[_Sent], failure: BrokerUnavailable | None
+    ) -> tuple[list[tuple[Outbound, asyncio.Future[Any] | None]], BrokerUnavailable | None]:
+        """The messages of ``sent`` not confirmed (with their confirm, if still open), and the
+        first reason why."""
+        unsafe: list[tuple[Outbound, asyncio.Future[Any] | None]] = []
+        doubtful: list[asyncio.Future[Any]] = []
+        for entry in sent:
+            confirmation = entry.confirmation
+            if not confirmation.done():  # in doubt: the broker may still confirm it
+                unsafe.append((entry.out, confirmation))
+                doubtful.append(confirmation)
+                confirmation.add_done_callback(partial(self._settled_late, entry))
+                continue
+            self._forget(entry)
+            problem = self._verdict(entry.out, confirmation)
             if problem is not None:
                 metrics.PUBLISH_FAILURES.labels(problem.reason).inc()
+                unsafe.append((entry.out, None))
                 failure = failure or problem
-        if failure is not None:
-            raise failure
-        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        if doubtful:
+            metrics.PUBLISH_FAILURES.labels("timeout").inc(len(doubtful))
+            asyncio.get_running_loop().call_later(DOUBT_SECONDS, _give_up, doubtful)
+            failure = failure or BrokerUnavailable(
+                "timeout", f"no confirm within {self._config.publish_timeout:g}s"
+            )
+        return unsafe, failure
+
+    async def _wait(self, sent: list[_Sent], deadline: float) -> None:
+        """Wait until every confirm of ``sent`` has come, or ``deadline``. The confirms are left
+        as they are: those still open at the deadline are in doubt, not failed."""
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        # The broker confirms in the order we published, nearly always: wait for the last one
+        # alone (asyncio.wait's machinery costs a callback per future), then for any still open.
+        last = sent[-1].confirmation
+        last.add_done_callback(wake)
+        timer = loop.call_at(deadline, wake)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            last.remove_done_callback(wake)
+        waiting = [s.confirmation for s in sent if not s.confirmation.done()]
+        if waiting and loop.time() < deadline:
+            await asyncio.wait(waiting, timeout=deadline - loop.time())
+
+    def _forget(self, entry: _Sent) -> None:
+        """The message id of a settled publish no longer names it (in flight, returns)."""
+        out, confirmation, returns, tag = entry
+        if self._in_flight_ids.get(out.message_id) is confirmation:
+            del self._in_flight_ids[out.message_id]
+        if returns.get(out.message_id) == tag:
+            del returns[out.message_id]
+        if confirmation.done() and not confirmation.cancelled():
+            confirmation.exception()  # marks it retrieved: the verdict is read where needed
+
+    def _settled_late(self, entry: _Sent, confirmation: asyncio.Future[Any]) -> None:
+        """A confirm that was in doubt came (or failed, or was given up on)."""
+        self._forget(entry)
+        if self._verdict(entry.out, confirmation) is None:
+            metrics.PUBLISH_LATE_CONFIRMS.inc()
 
     async def _start(self, out: Outbound, deadline: float) -> _Sent:
         """Send ``out`` (after any copy of it still in flight, until ``deadline``)."""
@@ -405,6 +530,12 @@ class AmqpPublisher:
         if channel is None or channel.is_closed or underlay is None or underlay.is_closed:
             metrics.PUBLISH_FAILURES.labels("not_connected").inc()
             raise BrokerUnavailable("not_connected", "broker connection is not ready")
+        limit = self.max_message_bytes
+        if limit and len(out.body) > limit:
+            raise Unpublishable(
+                f"a body of {len(out.body)} bytes; the broker takes at most {limit} "
+                "(its max_message_size)"
+            )
         sent = self._send(underlay, out)
         self._in_flight_ids[out.message_id] = sent.confirmation
         return sent
@@ -436,6 +567,10 @@ class AmqpPublisher:
             return BrokerUnavailable("returned", "broker returned the message as unroutable")
         if isinstance(exc, DeliveryError):
             return BrokerUnavailable("nacked", "broker refused the message (nack)")
+        if isinstance(exc, REFUSALS):
+            # The broker closed the channel or connection over a message: this one, or another
+            # in flight with it (which one, the close does not say).
+            return BrokerUnavailable("broker_refused", _describe(exc))
         if isinstance(exc, (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError)):
             return BrokerUnavailable("connection_lost", _describe(exc))
         raise exc  # a bug, not a broker verdict: the error middleware logs it
@@ -450,7 +585,17 @@ class AmqpPublisher:
         ``message_id_delivery_tag`` for returns), so its reader settles the future: ack, nack,
         return, or the channel's close. :meth:`publish` forgets the id once it is settled.
         """
-        frames = publish_frames(underlay.number, underlay.max_content_size, out)
+        try:
+            frames = publish_frames(underlay.number, underlay.max_content_size, out)
+        except HeaderTooLarge:
+            # Only headers from the body can be this large: leave the largest out, so the frame
+            # fits (the broker would close the whole connection over it).
+            fitted = fit(out, underlay.max_content_size)
+            for name in set(fitted.headers.get(OMITTED, "").split(",")) - set(
+                out.headers.get(OMITTED, "").split(",")
+            ):
+                metrics.HEADERS_OMITTED.labels(name).inc()
+            frames = publish_frames(underlay.number, underlay.max_content_size, fitted)
         underlay.delivery_tag += 1
         tag = underlay.delivery_tag
         loop = asyncio.get_running_loop()
@@ -521,16 +666,12 @@ def _confirm_from_the_front(underlay: aiormq.abc.AbstractChannel) -> None:
     underlay._on_confirm_frame = on_confirm  # type: ignore[method-assign]
 
 
-def _being_cancelled() -> bool:
-    """Whether the current task is being cancelled (not merely a future it awaited)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _expire(confirmations: list[asyncio.Future[Any]]) -> None:
+def _give_up(confirmations: list[asyncio.Future[Any]]) -> None:
+    """No verdict in :data:`DOUBT_SECONDS`: taken as not confirmed (cancelled, so aiormq, should
+    the ack come after all, ignores it quietly)."""
     for confirmation in confirmations:
         if not confirmation.done():
-            confirmation.set_exception(TimeoutError())
+            confirmation.cancel()
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bridge.adobe.signature import signed_pairs, verify
+from bridge.adobe.signature import SignedPair, signed_pairs, verify
 from bridge.errors import KeyHostUnavailable, Unauthenticated
 from bridge.keys import KeyMissing, KeyStore
 
@@ -31,6 +31,10 @@ class Verifier:
         pairs, problems = signed_pairs(headers)
         if not pairs:
             raise Unauthenticated("signature_missing", "; ".join(problems))
+        await self.check_pairs(pairs, body)
+
+    async def check_pairs(self, pairs: list[SignedPair], body: bytes) -> None:
+        """Like :meth:`check`, with the headers already read (:func:`signed_pairs`)."""
         # Keys the cache holds are tried first, in header order, with no task or await: the
         # common case, where the first signature verifies, costs one RSA verification.
         unknown = []

@@ -104,8 +104,8 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
     [
         (
             "bogus: 1\n" + MINIMAL,
-            "bogus: unknown key (allowed here: broker, dedup, logging, outbox, registrations, "
-            "routes, server, topology, verification) (t.yaml:1)",
+            "bogus: unknown key (allowed here: broker, dedup, logging, metrics, outbox, "
+            "registrations, routes, server, topology, verification) (t.yaml:1)",
         ),
         (
             "server:\n  port: 70000\n" + MINIMAL,

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
-from bridge.outbox import Outbox, OutboxFull, OutboxUnavailable, decode, encode
+from bridge.outbox import Outbox, OutboxFull, OutboxUnavailable
+from bridge.segments import decode, encode
 
 
 def message(n: int, body: bytes = b'{"x":1}') -> Outbound:
@@ -87,10 +88,10 @@ async def test_concurrent_appends_share_writes(tmp_path: Path) -> None:
     writes = 0
 
     class Counting(Outbox):
-        def _write(self, data: bytes, frames: list[list[bytes]]) -> list[list[tuple[int, int]]]:
+        def _write(self, frames: list[bytes]) -> list[tuple[int, int]]:
             nonlocal writes
             writes += 1
-            return super()._write(data, frames)
+            return super()._write(frames)
 
     outbox = Counting(tmp_path, 1 << 20, Recorder(ready=False))
     await outbox.open()

@@ -14,7 +14,10 @@ single delivery; never the CloudEvents ``id``; failing all three, ``sha256:`` + 
 of the event's bytes), the event code (CloudEvents ``type``, else
 ``event.header.eventCode`` or ``event.header._adobeio.eventCode``, else the type of a CloudEvent
 wrapped in ``event.body``, else the ``x-adobe-event-code`` header on a single delivery, else
-``unknown``), the recipient client ids, the IMS org, and the job id and aggregate status
+``unknown``), the recipient (SPEC §4: the top-level ``recipientclientid``, else the top-level
+``recipient_client_id``, the two agreeing when both are there; inside ``event`` only in Marketo's
+wrapped form, whose ``event.body`` is itself a CloudEvent, and only when the top has none), the
+IMS org, and the job id and aggregate status
 (``bridge.adobe.jobstatus``).
 Each event keeps its own bytes: the whole body for a single delivery, and for a batch the
 element's bytes cut from the array unchanged, so nothing is re-encoded and numbers, escapes and
@@ -34,13 +37,16 @@ from typing import Any
 
 import orjson
 
-from bridge.adobe.jobstatus import MAX_STATUS_LENGTH, job_id, job_status
-from bridge.errors import BadRequest
+from bridge.adobe.jobstatus import job_id, job_status
+from bridge.errors import BadRequest, PayloadTooLarge
 
-MAX_FIELD_BYTES = 255  # AMQP short strings: message_id, type
-# The routing key `<code>.<status>` is a short string too; statuses are at most 64 characters.
-MAX_CODE_BYTES = MAX_FIELD_BYTES - 1 - MAX_STATUS_LENGTH
+# The x-adobe-event-id/-code headers are read up to this many characters: ids and codes are
+# short, and a longer one is bounded when the message is built (bridge.message).
+MAX_HEADER_FIELD = 1024
 UNKNOWN_CODE = "unknown"
+# Adobe batches hold at most 20 events (2 MB); a batch of more than the configured bound is
+# refused before any work per element (server.max_batch_events).
+DEFAULT_MAX_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ class Event:
     envelope: str  # "cloudevents", "adobe_io" or "bare"
     event_id: str
     event_code: str
-    recipients: tuple[str, ...]
+    recipient: str | None  # the client id this event is addressed to (None: not known)
+    recipient_problem: str | None  # why the recipient is not known, when it is not
     ims_org: str | None
     job_id: str | None
     job_status: str | None
@@ -144,6 +151,44 @@ def _scan_array(raw: bytes, decoder: json.JSONDecoder) -> list[tuple[bytes, Any]
     if _skip(text, at + 1) != len(text):
         raise ValueError("data after the array")
     return elements
+
+
+def _count_elements(raw: bytes, limit: int) -> int | None:
+    """How many elements the JSON array ``raw`` has, counting no further than ``limit + 1``;
+    None when it is not an array the scanner reads (the parse that follows says why)."""
+    try:
+        text = raw.decode("utf-8")
+        at = _skip(text, 0)
+        if text[at] != "[":
+            return None
+        at = _skip(text, at + 1)
+        if text[at] == "]":
+            return 0
+        count = 0
+        while count <= limit:
+            _, end = _BOUNDS.raw_decode(text, at)
+            count += 1
+            at = _skip(text, end)
+            if text[at] == "]":
+                break
+            if text[at] != ",":
+                return None
+            at = _skip(text, at + 1)
+    except (ValueError, RecursionError, IndexError):
+        return None
+    return count
+
+
+def _check_count(raw: bytes, max_events: int) -> None:
+    """Refuse a batch of more than ``max_events`` before any work per element. Elements are at
+    most one more than the commas, so most batches need no count at all."""
+    if raw.count(b",") < max_events:
+        return
+    count = _count_elements(raw, max_events)
+    if count is not None and count > max_events:
+        raise PayloadTooLarge(
+            "too_many_events", f"a batch of more than {max_events} events (server.max_batch_events)"
+        )
 
 
 def _batch_elements(raw: bytes) -> list[tuple[bytes, Any]] | None:
@@ -278,17 +323,36 @@ def _code(doc: dict[str, Any], envelope: str) -> str | None:
     return code
 
 
-def _recipients(doc: dict[str, Any]) -> tuple[str, ...]:
-    # Both names (the old one goes away at the end of 2026), at the top or, in wrapped Marketo
-    # events, inside "event".
-    found: list[str] = []
-    for scope in (doc, doc.get("event")):
-        if isinstance(scope, dict):
-            for name in _RECIPIENT_FIELDS:
-                value = scope.get(name)
-                if isinstance(value, str) and value not in found:
-                    found.append(value)
-    return tuple(found)
+def _recipient(doc: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the recipient, or None and why not), by SPEC §4.
+
+    Adobe signs every customer's deliveries with the same keys, so what binds a signed body to
+    us is its own top-level recipient. Fields inside the provider's payload never vouch for it:
+    a provider chooses them. The one exception is Marketo's wrapped form, where ``event`` wraps
+    a CloudEvent in ``event.body`` and carries the recipient beside it, with none at the top.
+    """
+    found = _recipient_in(doc, "")
+    if found is not None:
+        return found
+    inner = doc.get("event")
+    if isinstance(inner, dict) and _get(inner, "body", "specversion") is not None:
+        found = _recipient_in(inner, "event.")
+        if found is not None:
+            return found
+    return None, "no recipient client id (recipientclientid)"
+
+
+def _recipient_in(scope: dict[str, Any], where: str) -> tuple[str | None, str | None] | None:
+    """The recipient named in ``scope``, or None when ``scope`` names none at all."""
+    present = [(name, scope[name]) for name in _RECIPIENT_FIELDS if name in scope]
+    if not present:
+        return None
+    for name, value in present:
+        if not isinstance(value, str) or not value:
+            return None, f"{where}{name} is not a client id"
+    if len({value for _, value in present}) > 1:
+        return None, f"{where}recipientclientid and {where}recipient_client_id disagree"
+    return present[0][1], None
 
 
 def _event(
@@ -304,21 +368,17 @@ def _event(
     # is "unknown" (routed to `unknown.<status>`, parked in adobe.unrouted if nobody binds it).
     event_id = _first(doc, _ID_PATHS) or header_id or "sha256:" + hashlib.sha256(raw).hexdigest()
     code = _code(doc, envelope) or header_code or UNKNOWN_CODE
-    for name, value, limit in (
-        ("event id", event_id, MAX_FIELD_BYTES),
-        ("event code", code, MAX_CODE_BYTES),
-    ):
-        if len(value.encode("utf-8")) > limit:
-            raise BadRequest("field_too_long", f"{where}{name} longer than {limit} bytes")
     payload = _get(doc, "data") if envelope == "cloudevents" else _get(doc, "event", "body")
     jid = job_id(payload)
+    recipient, recipient_problem = _recipient(doc)
     return Event(
         body=raw,
         document=doc,
         envelope=envelope,
         event_id=event_id,
         event_code=code,
-        recipients=_recipients(doc),
+        recipient=recipient,
+        recipient_problem=recipient_problem,
         ims_org=_first(doc, _ORG_PATHS),
         job_id=jid if jid is not None and _encodable(jid) else None,
         job_status=job_status(payload),
@@ -326,17 +386,27 @@ def _event(
 
 
 def parse_delivery(
-    raw: bytes, header_event_id: str | None = None, header_event_code: str | None = None
+    raw: bytes,
+    header_event_id: str | None = None,
+    header_event_code: str | None = None,
+    max_events: int = DEFAULT_MAX_EVENTS,
 ) -> Delivery:
-    """Turn a verified body into a :class:`Delivery`, or raise :class:`BadRequest`.
+    """Turn a verified body into a :class:`Delivery`, or raise :class:`BadRequest` (or
+    :class:`PayloadTooLarge` for a batch of more than ``max_events``).
 
     ``header_event_id``/``header_event_code`` (``x-adobe-event-id``/``-code``) are fallbacks for
     a single delivery only: on a batch nobody says which event they describe.
     """
+    _check_count(raw, max_events)
     elements = _batch_elements(raw)
     if elements is None:
         doc = decode_json(raw)  # strict; says what is wrong with a body that is not JSON
         if isinstance(doc, list):
+            if len(doc) > max_events:  # an array the bounded count could not read
+                raise PayloadTooLarge(
+                    "too_many_events",
+                    f"a batch of more than {max_events} events (server.max_batch_events)",
+                )
             parts = split_array(raw)
             if len(parts) != len(doc):  # cannot happen for valid JSON; refuse, never guess
                 raise BadRequest("bad_json", "batch could not be split into its elements")

@@ -1,0 +1,219 @@
+"""The HTTP edge's connections: bounded in number and in time, shed idle ones first.
+
+Part of receive. Left alone, aiohttp keeps a connection as long as the client likes: no deadline
+for a request's headers, keep-alive for an hour. Anyone could then hold every descriptor the
+process has, and new connections (Adobe's, ``/healthz``) would fail. Here:
+
+- ``server.header_timeout``: a request's headers must be complete this long after their first
+  byte (or after the connection opened);
+- ``server.idle_timeout``: a connection with no request in progress, before its first request
+  or between two, is closed after this;
+- ``server.max_connections`` (less what the process's descriptor limit cannot hold): at the
+  bound, a new connection first sheds the connection idle the longest, else the one that has
+  been waiting for headers or a body the longest (at least :data:`SHED_MIN_AGE`), else is closed
+  itself. A request whose body has arrived (``mark_busy``) is never shed;
+- aiohttp's own answers to malformed requests (a bad request line, headers too long) are JSON,
+  as every refusal is.
+
+Relies on aiohttp's public ``web.RequestHandler``: its constructor (the keywords of
+``web.AppRunner``), the asyncio protocol methods and ``handle_error``, each override calling the
+original. Does not: read bodies or answer webhooks (``bridge.receiver``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import resource
+import time
+from typing import Any, Final
+
+import orjson
+import structlog
+from aiohttp import web
+
+from bridge import metrics
+
+log = structlog.get_logger("bridge.connections")
+
+SHED_MIN_AGE: Final = 1.0  # seconds a slow reader has had before it may be shed
+RESERVED_DESCRIPTORS: Final = 64  # for the broker, the outbox, key fetches, logs
+
+IDLE, HEADERS, REQUEST, BUSY = "idle", "headers", "request", "busy"
+
+
+class ConnectionGuard:
+    """Every open connection, its state and its timer; see the module docstring."""
+
+    def __init__(self, max_connections: int, header_timeout: float, idle_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.open: dict[GuardedHandler, None] = {}  # in the order they opened
+
+    def factory(self, server: web.Server, **handler_args: Any) -> Any:
+        """The protocol factory for ``loop.create_server``: aiohttp's handler, guarded."""
+        loop = asyncio.get_running_loop()
+        handler_args.setdefault("keepalive_timeout", self.idle_timeout)
+
+        def make() -> GuardedHandler:
+            return GuardedHandler(server, self, loop=loop, **handler_args)
+
+        return make
+
+    def admit(self, newcomer: GuardedHandler) -> bool:
+        """Make room for ``newcomer`` at the bound; False when nothing can be shed."""
+        if len(self.open) < self.max_connections:
+            return True
+        now = time.monotonic()
+        idle = [c for c in self.open if c.state == IDLE and c is not newcomer]
+        slow = [
+            c for c in self.open if c.state in (HEADERS, REQUEST) and now - c.since >= SHED_MIN_AGE
+        ]
+        victims = sorted(idle, key=lambda c: c.since) or sorted(slow, key=lambda c: c.since)
+        if not victims:
+            metrics.CONNECTIONS_CLOSED.labels("over_limit").inc()
+            return False
+        victims[0].close_for(f"shed_{victims[0].state}")
+        return True
+
+
+class GuardedHandler(web.RequestHandler):
+    """aiohttp's request handler, one per connection, with the guard's state and timer."""
+
+    def __init__(self, server: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self.guard = guard
+        self.state = IDLE
+        self.since = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the asyncio protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.guard.admit(self):
+            self.force_close()
+            return
+        self.guard.open[self] = None
+        metrics.CONNECTIONS_OPEN.set(len(self.guard.open))
+        self._enter(IDLE, self.guard.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == IDLE and data:
+            self._enter(HEADERS, self.guard.header_timeout)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timer()
+        if self in self.guard.open:
+            del self.guard.open[self]
+            metrics.CONNECTIONS_OPEN.set(len(self.guard.open))
+        super().connection_lost(exc)
+
+    # -- what the request tells ---------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self._enter(REQUEST, None)
+
+    def request_busy(self) -> None:
+        self._enter(BUSY, None)
+
+    def request_finished(self) -> None:
+        self._enter(IDLE, self.guard.idle_timeout)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (or a handler that failed outside
+        the middleware): JSON, logged quietly, and the connection closed after it."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already being sent")
+        metrics.CONNECTIONS_CLOSED.labels("bad_request").inc()
+        log.info("bad_http_request", status=status, detail=message or type(exc).__name__)
+        response = web.Response(
+            status=status,
+            body=orjson.dumps(
+                {"error": "bad_request" if status < 500 else "internal_error", "detail": message}
+            ),
+            content_type="application/json",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+        response.force_close()
+        return response
+
+    # -- the timer ----------------------------------------------------------------------------
+
+    def _enter(self, state: str, timeout: float | None) -> None:
+        self.state, self.since = state, time.monotonic()
+        self._cancel_timer()
+        if timeout is not None and self.transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                timeout, self.close_for, f"{state}_timeout"
+            )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close_for(self, reason: str) -> None:
+        self._cancel_timer()
+        metrics.CONNECTIONS_CLOSED.labels(reason).inc()
+        log.debug("connection_closed", reason=reason)
+        self.force_close()
+
+
+def mark_busy(request: web.BaseRequest) -> None:
+    """The request's body has arrived: the work that follows is not a slow reader's."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedHandler):
+        protocol.request_busy()
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one; the soft limit after it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if wanted > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_bound(configured: int, descriptors: int) -> int:
+    """The connections the process can hold: the configured bound, less than its descriptors."""
+    return max(1, min(configured, descriptors - RESERVED_DESCRIPTORS))
+
+
+_EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class DescriptorAlarm:
+    """A loop exception handler: an ``accept()`` that fails for want of descriptors is logged
+    as ``descriptors_exhausted`` (at most once a second) and counted; the rest as before."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
+            metrics.DESCRIPTORS_EXHAUSTED.inc()
+            now = time.monotonic()
+            if now - self._last >= 1.0:
+                self._last = now
+                log.error(
+                    "descriptors_exhausted",
+                    error=str(exc),
+                    limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    action="new connections wait; raise the descriptor limit or lower "
+                    "server.max_connections",
+                )
+            return
+        loop.default_exception_handler(context)
