@@ -211,6 +211,7 @@ def _outboxes(
             publisher,
             exchanges={e.name for e in config.topology.exchanges} or None,
             unrouted_exchange=config.broker.unrouted_exchange,
+            stall_seconds=config.outbox.stall_seconds,
         )
 
     stranded = stranded_outbox_dirs(base, worker.count) if worker.index == 0 else []

@@ -225,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=0.0, metavar="SECONDS", help="stop after SECONDS"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+
+    p = sub.add_parser(
+        "quarantine",
+        help="list the events the broker refused for what they are",
+        description="Print each event kept in the outbox folders' quarantine.log (what no "
+        "broker would take as it is, for example a body over the broker's max_message_size): "
+        "when, message id, exchange, routing key, size and why. Nothing is changed; "
+        "--bodies writes each body to a folder, to publish by other means.",
+    )
+    _config_arg(p)
+    p.add_argument("--bodies", type=Path, metavar="DIR", help="write each body to DIR/<n>.json")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
     return parser
 
 
@@ -629,6 +641,49 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    import json
+
+    from bridge.segments import read_quarantine
+
+    config = load_config(args.config, sections=("outbox",))
+    base = Path(config.outbox.dir)
+    folders = [base, *sorted(p for p in base.glob("worker-*") if p.is_dir())]
+    found = [(folder, *entry) for folder in folders for entry in read_quarantine(folder)]
+    if args.bodies is not None:
+        try:
+            args.bodies.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot write to {args.bodies}: {exc.strerror}") from None
+    for n, (folder, message, meta) in enumerate(found, 1):
+        when, why = meta.get("quarantined_at", "?"), meta.get("quarantine_reason", "?")
+        if args.bodies is not None:
+            (args.bodies / f"{n}.json").write_bytes(message.body)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "folder": str(folder),
+                        "quarantined_at": when,
+                        "message_id": message.message_id,
+                        "exchange": message.exchange,
+                        "routing_key": message.routing_key,
+                        "headers": message.headers,
+                        "body_bytes": len(message.body),
+                        "reason": why,
+                    }
+                )
+            )
+        else:
+            print(
+                f"{n}. {when} {message.message_id} -> {message.exchange} "
+                f"{message.routing_key} ({len(message.body)} bytes): {why}"
+            )
+    if not args.json:
+        print(f"{len(found)} event(s) in quarantine under {base}")
+    return 0
+
+
 COMMANDS: dict[str, Any] = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
@@ -637,6 +692,7 @@ COMMANDS: dict[str, Any] = {
     "simulate": cmd_simulate,
     "keys": cmd_keys,
     "tail": cmd_tail,
+    "quarantine": cmd_quarantine,
 }
 
 

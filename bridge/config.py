@@ -113,6 +113,8 @@ class OutboxConfig:
     mode: str = "fallback"
     max_bytes: int = 256 * 1024 * 1024
     drain_seconds: float = 10.0  # on SIGTERM, time for the replayer to empty the outbox
+    # A backlog the connected broker takes nothing of for this long: /readyz says not ready.
+    stall_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -313,13 +315,14 @@ def _registrations(doc: Doc, node: yaml.Node | None) -> tuple[Registration, ...]
 
 
 def _outbox(doc: Doc, node: yaml.Node | None) -> OutboxConfig:
-    s = doc.mapping(node, "outbox", {"dir", "mode", "max_bytes", "drain_seconds"})
+    s = doc.mapping(node, "outbox", {"dir", "mode", "max_bytes", "drain_seconds", "stall_seconds"})
     d = OutboxConfig()
     return OutboxConfig(
         dir=s.string("dir", d.dir),
         mode=s.choice("mode", d.mode, ("off", "fallback", "always")),
         max_bytes=s.integer("max_bytes", d.max_bytes, 64 * 1024, 1 << 40),
         drain_seconds=s.number("drain_seconds", d.drain_seconds, 0.0, 600.0),
+        stall_seconds=s.number("stall_seconds", d.stall_seconds, 1.0, 3600.0),
     )
 
 

@@ -15,11 +15,13 @@ record only after its confirm.
   goes to the quarantine file with its reason: counted, logged, never replayed, and never in the
   way of the records behind it. After a close that names no message, the replayer sends the
   records it was sending one at a time, to find the one.
-- **Stalled.** A backlog that makes no progress for :data:`STALL_SECONDS` although the broker is
-  connected is ``stalled``: ``/readyz`` then says not ready.
+- **Stalled.** A backlog that makes no progress for ``outbox.stall_seconds`` (30) although the
+  broker is connected is ``stalled``: ``/readyz`` then says not ready.
 - **Folder lost.** If the folder is deleted or replaced while we run, the next write notices it
   before anyone is answered, and everything the outbox holds is written into a new folder from
-  memory; if that fails, the appends get a 503.
+  memory; if that fails, the appends get a 503. A watchdog looks every
+  :data:`WATCH_SECONDS` too, so events answered before the folder went are written again even
+  when nothing else is appended.
 
 Bounds: ``outbox.max_bytes`` of unconfirmed records (more: :class:`OutboxFull`, a 503), and a
 full disk or any write error is :class:`OutboxUnavailable` (a 503, never a 200).
@@ -54,8 +56,8 @@ from bridge.segments import OutboxLocked, QuarantineFile, SegmentLog, encode
 log = structlog.get_logger("bridge.outbox")
 
 REPLAY_BATCH: Final = 64
-STALL_SECONDS: Final = 30.0
 STRIKES: Final = 2  # refusals of a record sent alone before it is quarantined
+WATCH_SECONDS: Final = 1.0
 
 
 class OutboxFull(Unavailable):
@@ -100,8 +102,11 @@ class Outbox:
         publisher: Publisher,
         exchanges: set[str] | None = None,
         unrouted_exchange: str = "",
+        *,
+        stall_seconds: float = 30.0,
     ) -> None:
         self.files = SegmentLog(Path(folder))
+        self.stall_seconds = stall_seconds
         self.quarantine_file = QuarantineFile(Path(folder))
         self.max_bytes = max_bytes
         self.publisher = publisher
@@ -147,7 +152,7 @@ class Outbox:
         return (
             bool(self._pending)
             and since is not None
-            and time.monotonic() - since >= (STALL_SECONDS)
+            and time.monotonic() - since >= self.stall_seconds
         )
 
     # -- start-up -------------------------------------------------------------------------------
@@ -176,6 +181,7 @@ class Outbox:
         self._tasks = [
             asyncio.create_task(self._writer(), name="outbox-writer"),
             asyncio.create_task(self._replayer(), name="outbox-replayer"),
+            asyncio.create_task(self._watchdog(), name="outbox-watchdog"),
         ]
         _report_depth()
         if self._pending:
@@ -311,6 +317,22 @@ class Outbox:
             action="recreated the folder and wrote every waiting event into it again",
         )
         return list(ends)
+
+    async def _watchdog(self) -> None:
+        """Every second: is the folder still ours? If not, write what it held again."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            if not self._pending:
+                continue
+            try:
+                async with self._io:
+                    if await asyncio.to_thread(self.files.intact):
+                        continue
+                    await asyncio.to_thread(self._rewrite, [])
+                self._write_failed = False
+            except (OSError, OutboxLocked) as exc:
+                self._write_failed = True  # /readyz: unusable; appends get a 503 meanwhile
+                log.error("outbox_rewrite_failed", folder=str(self.folder), error=str(exc))
 
     # -- replaying ------------------------------------------------------------------------------
 

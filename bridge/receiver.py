@@ -299,10 +299,11 @@ class Receiver:
             raise Unavailable(
                 "body_timeout", "the body did not arrive in time", close=True
             ) from None
-        except web.RequestPayloadError as exc:
+        except (web.RequestPayloadError, ConnectionError) as exc:
+            transport = request.transport
+            if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+                raise ClientGone("client_gone", "the client closed the connection") from None
             raise BadRequest("bad_body", f"the body could not be read: {exc}", close=True) from None
-        except ConnectionError:
-            raise ClientGone("client_gone", "the client closed the connection") from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _process(

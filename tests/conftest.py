@@ -6,9 +6,10 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,12 @@ def forget_topology(amqp_url: str) -> Iterator[list[BrokerConfig]]:
     # A thread of its own: this teardown may run while a test's event loop still exists.
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, delete()).result(timeout=60)
+
+
+@pytest.fixture
+async def rig(amqp_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """A real daemon behind a TCP proxy on the real broker (``tests/rig.py``)."""
+    from tests.rig import make_rig
+
+    async with make_rig(amqp_url, tmp_path) as made:
+        yield made

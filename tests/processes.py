@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,21 @@ def cli(
     )
 
 
+def _limit_files(count: int) -> None:
+    """In the child: at most ``count`` open descriptors, soft and hard (it cannot raise it)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
 class Daemon:
     """``events-bridge serve`` in a subprocess; JSON logs collected in a file."""
 
-    def __init__(self, config: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str],
+        args: tuple[str, ...] = (),
+        max_files: int | None = None,
+    ) -> None:
         # Each daemon its own outbox: one test's backlog must never replay into another's.
         env = {"BRIDGE_OUTBOX_DIR": tempfile.mkdtemp(prefix="bridge-outbox-"), **env}
         self.env = env
@@ -56,6 +69,7 @@ class Daemon:
                 stdout=subprocess.DEVNULL,
                 stderr=sink,
                 text=True,
+                preexec_fn=None if max_files is None else partial(_limit_files, max_files),  # noqa: PLW1509
             )
 
     def wait_ready(self, seconds: float = 20) -> None:
@@ -92,6 +106,13 @@ class Daemon:
             self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=30)
         return self.process.returncode, self.logs()
+
+    @property
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -17,248 +17,29 @@ Duplicates are allowed (at least once) and counted. Rows go to the table printed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
-import time
-import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiohttp
-import orjson
 import pytest
-from yarl import URL
 
-from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder
-from tests.processes import Daemon, free_port
-from tests.proxy import Proxy
+from tests.rig import Rig, Sender
+from tests.rig import check as rig_check
 
 pytestmark = pytest.mark.faults
 
-LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
 NODE = "events-bridge@localhost"
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def body_for(event_id: str) -> bytes:
-    status = ("succeeded", "failed")[hash(event_id) % 2]
-    doc = {
-        **LIGHTROOM,
-        "event_id": event_id,
-        "recipientclientid": CLIENT_ID,
-        "event": {
-            **LIGHTROOM["event"],
-            "body": {"jobId": event_id, "outputs": [{"status": status}]},
-        },
-    }
-    return orjson.dumps(doc)
-
-
-@dataclass
-class Ledger:
-    sent: set[str] = field(default_factory=set)
-    ok: set[str] = field(default_factory=set)
-    statuses: Counter[str] = field(default_factory=Counter)
-    slowest: float = 0.0
-
-
-class Sender:
-    """Adobe-like: each event is retried (0.2 s doubling to 2 s) until answered 2xx."""
-
-    def __init__(self, url: str, signer: SigningKey) -> None:
-        self.url, self.signer = url, signer
-        self.ledger = Ledger()
-
-    async def run(self, count: int, rate: float, give_up_after: float) -> None:
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            tasks = []
-            for i in range(count):
-                tasks.append(asyncio.create_task(self._one(session, f"e{i:05d}", give_up_after)))
-                await asyncio.sleep(1 / rate)
-            await asyncio.gather(*tasks)
-
-    async def _one(self, session: aiohttp.ClientSession, event_id: str, give_up: float) -> None:
-        body = body_for(event_id)
-        self.ledger.sent.add(event_id)
-        delay, deadline = 0.2, time.monotonic() + give_up
-        while time.monotonic() < deadline:
-            started = time.monotonic()
-            try:
-                async with session.post(
-                    self.url, data=body, headers=self.signer.headers(body)
-                ) as response:
-                    await response.read()
-                    outcome = str(response.status)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                outcome = type(exc).__name__
-            self.ledger.slowest = max(self.ledger.slowest, time.monotonic() - started)
-            self.ledger.statuses[outcome] += 1
-            if outcome.startswith("2"):
-                self.ledger.ok.add(event_id)
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-@dataclass
-class Rig:
-    prefix: str
-    proxy: Proxy
-    amqp_url: str
-    env: dict[str, str]
-    config: Path
-    signer: SigningKey
-    daemon: Daemon | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.env['BRIDGE_PORT']}/webhook"
-
-    async def start(self, wait: bool = True) -> Daemon:
-        # The proxy lives in this event loop: wait in a thread, never block the loop.
-        self.daemon = Daemon(self.config, self.env)
-        if wait:
-            await asyncio.to_thread(self.daemon.wait_ready, 30)
-        return self.daemon
-
-    async def settle(self, seconds: float = 60) -> None:
-        """Wait until the daemon is connected and its outbox is empty."""
-        deadline = time.monotonic() + seconds
-        state: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
-                state = await asyncio.to_thread(self._readyz)
-                if state["broker"] == "connected" and state["outbox_depth"] == 0:
-                    return
-            await asyncio.sleep(0.2)
-        tail = self.daemon.log_file.read_text()[-3000:] if self.daemon else ""
-        raise AssertionError(f"the daemon did not drain its outbox: {state}\n{tail}")
-
-    def _readyz(self) -> dict[str, Any]:
-        import urllib.request
-
-        with urllib.request.urlopen(self.url.replace("/webhook", "/readyz"), timeout=2) as r:
-            state: dict[str, Any] = orjson.loads(r.read())
-            return state
-
-    async def delivered(self) -> list[tuple[str, bytes]]:
-        connection = await aio_pika.connect(self.amqp_url)
-        found: list[tuple[str, bytes]] = []
-        async with connection:
-            channel = await connection.channel()
-            for name in (f"{self.prefix}.all", f"{self.prefix}.unrouted"):
-                queue = await channel.get_queue(name)
-                idle = time.monotonic()
-                while time.monotonic() - idle < 1.0:
-                    message = await queue.get(fail=False, no_ack=True)
-                    if message is None:
-                        await asyncio.sleep(0.05)
-                        continue
-                    found.append((message.message_id or "", message.body))
-                    idle = time.monotonic()
-        return found
-
-
-def config_text(p: str) -> str:
-    return f"""
-broker:
-  url: ${{BRIDGE_AMQP_URL}}
-  heartbeat: 5
-  publish_timeout: 3
-  exchange: {p}.events
-  unrouted_exchange: {p}.unrouted
-  unrouted_queue: {p}.unrouted
-server:
-  port: ${{BRIDGE_PORT}}
-  max_in_flight: 512
-verification:
-  key_base_url: ${{BRIDGE_KEY_BASE_URL}}
-registrations:
-  - {{name: default, path: /webhook, client_ids: [{CLIENT_ID}]}}
-outbox:
-  dir: ${{BRIDGE_OUTBOX_DIR}}
-  mode: fallback
-logging:
-  format: json
-topology:
-  exchanges:
-    - {{name: {p}.events, type: topic, alternate_exchange: {p}.unrouted}}
-    - {{name: {p}.unrouted, type: fanout}}
-  queues:
-    - {{name: {p}.unrouted}}
-    - {{name: {p}.all}}
-  bindings:
-    - {{exchange: {p}.unrouted, queue: {p}.unrouted}}
-    - {{exchange: {p}.events, queue: {p}.all, routing_key: "#"}}
-"""
-
-
-@pytest.fixture
-async def rig(amqp_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    target = URL(amqp_url)
-    proxy = Proxy(target.host or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    prefix = f"fault.{uuid.uuid4().hex[:8]}"
-    signer = SigningKey.generate()
-    config = tmp_path / "bridge.yaml"
-    config.write_text(config_text(prefix))
-    env = {
-        "BRIDGE_AMQP_URL": str(target.with_host("127.0.0.1").with_port(proxy.port)),
-        "BRIDGE_PORT": str(free_port()),
-        "BRIDGE_KEY_BASE_URL": key_folder(tmp_path / "keys", signer),
-        "BRIDGE_OUTBOX_DIR": str(tmp_path / "outbox"),
-    }
-    rig = Rig(prefix, proxy, amqp_url, env, config, signer)
-    yield rig
-    if rig.daemon is not None:
-        rig.daemon.kill()
-    await proxy.stop()
-    with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            for queue in ("all", "unrouted", "capped"):
-                await channel.queue_delete(f"{prefix}.{queue}")
-            for exchange in ("events", "unrouted"):
-                await channel.exchange_delete(f"{prefix}.{exchange}")
-
-
 async def check(rig: Rig, sender: Sender, fault: str, table: list[dict[str, Any]]) -> None:
     await rig.settle()
-    delivered = await rig.delivered()
-    assert rig.daemon is not None
-    assert rig.daemon.process.poll() is None, "the daemon died"
-    rig.daemon.logs()  # raises on a traceback
-    ids = Counter(i for i, _ in delivered)
-    ledger = sender.ledger
-    loss = ledger.ok - set(ids)
-    phantom = set(ids) - ledger.sent
-    table.append(
-        {
-            "fault": fault,
-            "sent": len(ledger.sent),
-            "ok": len(ledger.ok),
-            "delivered": len(ids),
-            "duplicates": sum(ids.values()) - len(ids),
-            "loss": len(loss),
-            "phantom": len(phantom),
-            "slowest": ledger.slowest,
-            "answers": dict(ledger.statuses),
-        }
-    )
-    assert not loss, f"LOSS: {sorted(loss)[:10]}"
-    assert not phantom, f"PHANTOM: {sorted(phantom)[:10]}"
-    assert all(body == body_for(i) for i, body in delivered), "a body changed on the way"
-    assert ledger.slowest < 8.0, f"an answer took {ledger.slowest:.2f} s"
-    assert ledger.ok == ledger.sent, "the sender gave up on some events"
+    rig_check(rig, sender, await rig.delivered(), table, fault)
 
 
 async def load_with(
