@@ -168,6 +168,13 @@ class SegmentLog:
     def lock(self) -> None:
         """Create the folder if needed and take its lock, or raise :class:`OutboxLocked`."""
         make_folder(self.folder)
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                if _identity(os.stat(self.folder / LOCK_FILE)) == _identity(
+                    os.fstat(self._lock_fd)
+                ):
+                    self._folder_id = _identity(os.stat(self.folder))
+                    return  # still ours
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,7 +18,7 @@ from bridge.adobe.envelope import (
     parse_delivery,
     split_array,
 )
-from bridge.errors import BadRequest
+from bridge.errors import BadRequest, PayloadTooLarge
 from tests.helpers import EVENTS, SAMPLES
 
 H_ID, H_CODE = "header-event-id", "header.event.code"  # x-adobe-event-id/-code (derived)
@@ -291,3 +291,67 @@ def _fits_64_bits(value: object) -> bool:
 )
 def test_what_the_one_pass_does_not_take_goes_the_careful_way(raw: bytes) -> None:
     assert _batch_elements(raw) is None
+
+
+# SPEC §4: the top-level recipientclientid, else the top-level recipient_client_id (the two
+# agreeing); inside `event` only in Marketo's wrapped form, and only with none at the top.
+WRAPPED = {"body": {"specversion": "1.0", "type": "m"}}
+
+
+@pytest.mark.parametrize(
+    ("doc", "recipient"),
+    [
+        ({"recipientclientid": "a"}, "a"),
+        ({"recipient_client_id": "a"}, "a"),
+        ({"recipientclientid": "a", "recipient_client_id": "a"}, "a"),
+        ({"recipientclientid": "a", "recipient_client_id": "b"}, None),
+        ({"recipientclientid": "a", "event": {"recipientclientid": "b"}}, "a"),
+        ({"recipientclientid": "b", "event": {**WRAPPED, "recipientclientid": "a"}}, "b"),
+        ({"event": {"recipientclientid": "a"}}, None),  # not the wrapped form: a provider's
+        ({"event": {"recipient_client_id": "a", "body": {"x": 1}}}, None),
+        ({"event": {**WRAPPED, "recipientclientid": "a"}}, "a"),
+        ({"event": {**WRAPPED, "recipient_client_id": "a"}}, "a"),
+        ({"event": {**WRAPPED, "recipientclientid": "a", "recipient_client_id": "b"}}, None),
+        ({"specversion": "1.0", "type": "t", "data": {"recipientclientid": "a"}}, None),
+        ({"recipientclientid": ["a"]}, None),
+        ({"recipientclientid": ""}, None),
+        ({"recipientclientid": None, "recipient_client_id": "a"}, None),
+        ({}, None),
+    ],
+)
+def test_the_recipient_is_the_signed_bodys_own(
+    doc: dict[str, object], recipient: str | None
+) -> None:
+    raw = orjson.dumps({"event_id": "e", **doc})
+    (event,) = parse_delivery(raw).events
+    assert event.recipient == recipient
+    assert (event.recipient_problem is None) == (recipient is not None)
+
+
+def test_every_sample_that_names_a_recipient_is_read_as_adobe_sends_it() -> None:
+    for name in ("wrapped_marketo_user_audit_single.json", "batch_wrapped_marketo_user_audit.json"):
+        events = parse_delivery((EVENTS / name).read_bytes()).events
+        assert {e.recipient for e in events} == {"your_client_id"}  # beside the wrapped event
+    top = parse_delivery((EVENTS / "batch_wrapped_marketo_notification.json").read_bytes())
+    assert {e.recipient for e in top.events} == {"0f13cce22f4645328e01b90262b3ee51"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" + b",".join([b"{}"] * 1001) + b"]",
+        b"[ " + b" , ".join([b"1"] * 5000) + b" ]",
+        b"[" + b",".join([b"[[]]"] * 2000) + b"]",
+        b'[{"a":"' + b"," * 3000 + b'"}' + b",{}" * 1000 + b"]",
+    ],
+)
+def test_a_batch_over_the_bound_is_refused_before_any_work_per_element(raw: bytes) -> None:
+    with pytest.raises(PayloadTooLarge) as caught:
+        parse_delivery(raw, max_events=1000)
+    assert caught.value.reason == "too_many_events"
+
+
+def test_commas_inside_events_do_not_count_as_events() -> None:
+    element = orjson.dumps({"eventid": "e", "data": {"list": list(range(2000))}})
+    raw = b"[" + b",".join([element] * 3) + b"]"
+    assert len(parse_delivery(raw, max_events=20).events) == 3

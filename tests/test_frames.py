@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pamqp.frame
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from bridge.frames import publish_frames
-from bridge.message import Outbound
+from bridge.frames import HeaderTooLarge, Unpublishable, content_header, fit, publish_frames
+from bridge.message import OMITTED, Outbound
 
 short = st.text(max_size=60)
 # What the bridge publishes: exchange names the config allows; id, type and headers never empty
@@ -87,3 +88,34 @@ def test_no_frame_size_limit_sends_the_body_in_one_frame() -> None:
     # frame_max 0 means no limit; aiormq's max content size is then -8.
     out = Outbound("x", "k", b"a" * 300_000, "id", "code", datetime.now(UTC), {"h": "v"})
     assert publish_frames(5, -8, out) == reference(5, 300_000, out)
+
+
+@given(
+    max_payload=st.sampled_from([4088, 16_376, 131_064]),
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=60),
+    wide=st.booleans(),
+)
+def test_fit_leaves_out_the_largest_headers_until_the_header_frame_fits(
+    max_payload: int, sizes: list[int], wide: bool
+) -> None:
+    char = "€" if wide else "a"  # 3 bytes a character, or 1
+    headers = {f"h{i}": char * size for i, size in enumerate(sizes)}
+    out = Outbound("x", "k", b"{}", "i" * 255, "t" * 255, datetime.now(UTC), headers)
+    fitted = fit(out, max_payload)
+    assert len(content_header(fitted)) <= max_payload
+    publish_frames(1, max_payload, fitted)  # no HeaderTooLarge
+    omitted = set(filter(None, fitted.headers.get(OMITTED, "").split(",")))
+    assert omitted == set(headers) - set(fitted.headers)
+    if omitted:  # the largest went first: every one kept is no larger than any left out
+        kept = [len(v) for n, v in fitted.headers.items() if n != OMITTED]
+        assert max(kept, default=0) <= min(len(headers[n]) for n in omitted)
+    if len(content_header(out)) <= max_payload:
+        assert fitted == out
+
+
+def test_a_header_frame_over_the_frame_size_is_never_made() -> None:
+    out = Outbound("x", "k", b"{}", "id", "t", datetime.now(UTC), {"job-id": "j" * 200_000})
+    with pytest.raises(HeaderTooLarge):
+        publish_frames(1, 131_064, out)
+    with pytest.raises(Unpublishable):
+        publish_frames(1, 131_064, Outbound("x", "k" * 256, b"", "id", "t", datetime.now(UTC), {}))

@@ -34,7 +34,7 @@ from bridge.message import Outbound
 from bridge.segments import encode
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, KEY_PATH
-from tests.rig import LIGHTROOM, Rig, body_for
+from tests.rig import LIGHTROOM, Rig, body_for, raise_own_file_limit
 
 NODE = "events-bridge@localhost"
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
@@ -455,12 +455,8 @@ async def test_idle_connections_are_shed_and_closed_so_new_ones_are_served(rig: 
         "  max_in_flight: 512", "  max_in_flight: 512\n  idle_timeout: 3\n  header_timeout: 2"
     )
     rig.config.write_text(text)
-    rig.daemon = None
-    from tests.processes import Daemon
-
-    rig.daemon = Daemon(rig.config, rig.env, max_files=256)  # 192 connections at most
-    rig.others.append(rig.daemon)
-    await asyncio.to_thread(rig.daemon.wait_ready, 30)
+    await rig.start(max_files=256)  # 192 connections at most
+    raise_own_file_limit()
     port = int(rig.env["BRIDGE_PORT"])
     idle = await open_idle(port, 400)  # twice what the daemon can hold
     started = time.monotonic()
@@ -490,6 +486,7 @@ async def test_idle_connections_are_shed_and_closed_so_new_ones_are_served(rig: 
             still_open += 1
         w.close()
     assert still_open == 0
+    assert rig.daemon is not None
     logs = rig.daemon.logs()
     assert any(line["event"] == "connection_bound_lowered" for line in logs)
     metrics = rig.metrics()

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pamqp.commands import Basic
 
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.outbox import Outbox, OutboxFull, OutboxUnavailable
-from bridge.segments import decode, encode
+from bridge.publisher import PublishFailed
+from bridge.segments import decode, encode, read_quarantine
 
 
 def message(n: int, body: bytes = b'{"x":1}') -> Outbound:
@@ -201,3 +203,84 @@ async def test_records_after_a_cursor_whose_segment_is_gone_are_kept(tmp_path: P
     await again.open()
     assert again.depth == 3
     await again.close()
+
+
+class Refusing(Recorder):
+    """Publishes like the broker would, except what ``refuse`` names: those are refused as
+    unpublishable (``kind='unpublishable'``) or make the broker close the channel
+    (``kind='close'``, which fails every message sent with it)."""
+
+    def __init__(self, refuse: set[str], kind: str) -> None:
+        super().__init__()
+        self.refuse, self.kind = refuse, kind
+        self.attempts: list[list[str]] = []
+
+    async def publish(self, messages: Sequence[Outbound]) -> None:
+        self.attempts.append([m.message_id for m in messages])
+        bad = [m for m in messages if m.message_id in self.refuse]
+        if not bad:
+            self.published.extend(messages)
+            return
+        if self.kind == "unpublishable":
+            good = [m for m in messages if m not in bad]
+            self.published.extend(good)
+            raise PublishFailed("unpublishable", "too big", [], [(m, "too big") for m in bad])
+        raise PublishFailed(
+            "broker_refused", "PRECONDITION_FAILED", [(m, None) for m in messages], []
+        )
+
+
+@pytest.mark.parametrize("kind", ["unpublishable", "close"])
+async def test_a_poison_record_is_quarantined_and_never_blocks_the_rest(
+    tmp_path: Path, kind: str
+) -> None:
+    publisher = Refusing({"m3", "m70"}, kind)
+    outbox = Outbox(tmp_path, 1 << 22, publisher)
+    await outbox.open()
+    await outbox.append([message(i) for i in range(100)])
+    assert await outbox.drain(20)
+    published = [m.message_id for m in publisher.published]
+    assert sorted(published) == sorted(f"m{i}" for i in range(100) if i not in (3, 70))
+    assert len(published) == len(set(published))  # nothing confirmed is sent again
+    kept = read_quarantine(tmp_path)
+    assert [m.message_id for m, _ in kept] == ["m3", "m70"]
+    assert outbox.quarantined == 2
+    if kind == "close":  # found by sending alone, twice, what the failed batch held
+        assert publisher.attempts.count(["m3"]) == 2
+        assert publisher.attempts.count(["m70"]) == 2
+    await outbox.close()
+    again = Outbox(tmp_path, 1 << 22, Recorder(ready=False))
+    await again.open()
+    assert again.depth == 0  # quarantined records are not replayed after a restart either
+    await again.close()
+
+
+async def test_a_record_in_doubt_is_replayed_only_if_its_confirm_fails(tmp_path: Path) -> None:
+    publisher = Recorder()
+    outbox = Outbox(tmp_path, 1 << 20, publisher)
+    await outbox.open()
+    loop = asyncio.get_running_loop()
+    acked, failed = loop.create_future(), loop.create_future()
+    await outbox.append([message(1), message(2), message(3)], [acked, failed, None])
+    await asyncio.sleep(0.3)
+    assert publisher.published == []  # the head is in doubt: nothing overtakes a verdict
+    acked.set_result(Basic.Ack(delivery_tag=1))
+    failed.set_exception(ConnectionResetError("channel closed"))
+    assert await outbox.drain(5)
+    assert [m.message_id for m in publisher.published] == ["m2", "m3"]  # m1 was confirmed late
+    await outbox.close()
+
+
+async def test_a_backlog_the_broker_takes_nothing_of_is_stalled(tmp_path: Path) -> None:
+    publisher = Recorder()
+    publisher.fail_next = 10**6
+    outbox = Outbox(tmp_path, 1 << 20, publisher, stall_seconds=1.0)
+    await outbox.open()
+    await outbox.append([message(1)])
+    assert not outbox.stalled
+    await asyncio.sleep(1.6)
+    assert outbox.stalled
+    publisher.fail_next = 0
+    assert await outbox.drain(10)
+    assert not outbox.stalled
+    await outbox.close()

@@ -17,17 +17,22 @@ Duplicates are allowed (at least once) and counted. Rows go to the table printed
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import orjson
 import pytest
 
-from tests.rig import Rig, Sender
+from tests.processes import free_port
+from tests.rig import LIGHTROOM, Rig, Sender, body_for, raise_own_file_limit
 from tests.rig import check as rig_check
 
 pytestmark = pytest.mark.faults
@@ -353,3 +358,171 @@ async def test_sixty_second_outage_answers_no_5xx(rig: Rig, table: list[dict[str
     sender = await load_with(rig, outage, count=1400, rate=20.0)
     assert not [s for s in sender.ledger.statuses if s.startswith("5")], sender.ledger.statuses
     await check(rig, sender, "broker outage 60 s", table)
+
+
+# -- issue 10: hostile input under load ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_max_message_size(private_node: None) -> Any:
+    """The private node refuses messages over 1 MiB (max_message_size); set back afterwards."""
+
+    def set_size(size: int) -> None:
+        ctl("eval", f"application:set_env(rabbit, max_message_size, {size}).")
+
+    set_size(1024 * 1024)
+    yield
+    set_size(128 * 1024 * 1024)
+
+
+@pytest.mark.usefixtures("small_max_message_size")
+async def test_poison_records_under_load(rig: Rig, table: list[dict[str, Any]]) -> None:
+    """Events the broker refuses for their size, and events whose headers are far over a frame,
+    amid steady load: the first are quarantined, the second published, nothing else held up."""
+    await rig.start()
+    poison: list[bytes] = []
+
+    async def send_poison() -> None:
+        for n in range(6):
+            pad = {"pad": "p" * 1_200_000} if n % 2 else {"jobId": "j" * 300_000}
+            body = body_for(f"poison-{n}", event={**LIGHTROOM["event"], "body": pad})
+            poison.append(body)
+            status, _ = await rig.post(body)
+            assert status == 200
+            await asyncio.sleep(0.5)
+
+    sender = await load_with(rig, send_poison)
+    await rig.settle()
+    delivered = await rig.delivered()
+    sender.also({f"poison-{n}": poison[n] for n in range(0, 6, 2)})  # published ones
+    rig_check(rig, sender, delivered, table, "poison records under load")
+    assert {f"poison-{n}" for n in range(0, 6, 2)} <= {m.message_id for m in delivered}
+    quarantined = subprocess.run(
+        [sys.executable, "-m", "bridge", "quarantine", "--config", str(rig.config), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **rig.env},
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    kept = {orjson.loads(line)["message_id"] for line in quarantined.stdout.splitlines()}
+    assert kept == {f"poison-{n}" for n in range(1, 6, 2)}
+    assert rig.readyz()["http_status"] == 200
+
+
+async def test_outbox_folder_deleted_under_load(rig: Rig, table: list[dict[str, Any]]) -> None:
+    await rig.start()
+
+    async def delete_then_crash() -> None:
+        rig.proxy.down()  # everything goes to the outbox
+        await asyncio.sleep(2)
+        shutil.rmtree(rig.env["BRIDGE_OUTBOX_DIR"])
+        await asyncio.sleep(2)
+        assert rig.daemon is not None
+        rig.daemon.process.send_signal(signal.SIGKILL)
+        rig.daemon.process.wait()
+        rig.proxy.up()
+        await rig.start()
+
+    await check(rig, await load_with(rig, delete_then_crash), "outbox folder deleted", table)
+
+
+async def test_two_daemons_on_one_outbox_folder(rig: Rig, table: list[dict[str, Any]]) -> None:
+    await rig.start()
+    stopped: list[subprocess.CompletedProcess[str]] = []
+
+    async def second_daemon() -> None:
+        rig.proxy.down()  # a backlog in the folder the second one must not touch
+        await asyncio.sleep(1)
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "bridge", "serve", "--config", str(rig.config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+            check=False,
+            env={
+                **os.environ,
+                **rig.env,
+                "BRIDGE_PORT": str(free_port()),
+                "BRIDGE_AMQP_URL": rig.amqp_url,
+            },
+        )
+        stopped.append(second)
+        await asyncio.sleep(1)
+        rig.proxy.up()
+
+    await check(rig, await load_with(rig, second_daemon), "two daemons, one folder", table)
+    (second,) = stopped
+    assert second.returncode != 0
+    assert "in use by pid" in second.stderr
+
+
+async def test_idle_connection_flood(rig: Rig, table: list[dict[str, Any]]) -> None:
+    text = rig.config.read_text().replace(
+        "  max_in_flight: 512", "  max_in_flight: 512\n  idle_timeout: 4\n  header_timeout: 2"
+    )
+    rig.config.write_text(text)
+    await rig.start(max_files=512)
+    raise_own_file_limit()
+    held: list[asyncio.StreamWriter] = []
+
+    async def flood() -> None:
+        for _ in range(4):  # waves of idle connections, four times what the daemon can hold
+            for _ in range(500):
+                _, writer = await asyncio.open_connection("127.0.0.1", int(rig.env["BRIDGE_PORT"]))
+                held.append(writer)
+            await asyncio.sleep(1)
+
+    try:
+        await check(rig, await load_with(rig, flood, count=400), "idle-connection flood", table)
+    finally:
+        for writer in held:
+            writer.close()
+
+
+async def test_unsigned_slot_flood(rig: Rig, table: list[dict[str, Any]]) -> None:
+    held: list[asyncio.StreamWriter] = []
+    await rig.start()
+    raise_own_file_limit()
+
+    async def flood() -> None:
+        signature = base64.b64encode(os.urandom(256)).decode()
+        head = (
+            "POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 4000\r\nx-adobe-digital-signature-1: {signature}\r\n"
+            f"x-adobe-digital-signature-2: {signature}\r\n"
+            "x-adobe-public-key1-path: /prod/keys/pub-key-x.pem\r\n"
+            "x-adobe-public-key2-path: /prod/keys/pub-key-y.pem\r\n\r\n"
+        ).encode()
+        for _ in range(3):  # more requests than max_in_flight, each sends no body
+            for _ in range(600):
+                _, writer = await asyncio.open_connection("127.0.0.1", int(rig.env["BRIDGE_PORT"]))
+                writer.write(head)
+                held.append(writer)
+            await asyncio.sleep(1.5)
+
+    try:
+        await check(rig, await load_with(rig, flood), "unsigned slot flood", table)
+    finally:
+        for writer in held:
+            writer.close()
+
+
+async def test_huge_signed_batches(rig: Rig, table: list[dict[str, Any]]) -> None:
+    await rig.start()
+
+    async def huge() -> None:
+        for shape in (b"{}", b"[]", b"1"):
+            status, answer = await rig.post(b"[" + b",".join([shape] * 400_000) + b"]")
+            assert (status, answer["error"]) == (413, "too_many_events")
+        heavy.update({f"heavy-{i}": body_for(f"heavy-{i}", pad=["x" * 8000]) for i in range(1000)})
+        status, _ = await rig.post(b"[" + b",".join(heavy.values()) + b"]")
+        assert status == 200
+
+    heavy: dict[str, bytes] = {}
+    sender = await load_with(rig, huge)
+    sender.also(heavy)
+    await check(rig, sender, "huge signed batches", table)
