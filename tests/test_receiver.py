@@ -553,3 +553,60 @@ async def test_reload_swaps_rules_for_the_next_requests(
     assert receiver.reload(moved) == [
         "registrations added, removed or moved to another path: restart"
     ]
+
+
+# (The daemon reads bodies undecoded; aiohttp's test server decodes gzip and deflate itself and
+# refuses encodings it has no codec for at parse time: tests/test_hostile.py has those.)
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP", "identity, gzip"])
+async def test_an_encoded_body_is_refused_as_it_is_not_what_was_signed(
+    bridge: Bridge, encoding: str
+) -> None:
+    response = await bridge.post(b"\x1f\x8b not gzip at all", **{"content-encoding": encoding})
+    assert response.status == 415
+    assert (await response.json())["error"] == "unsupported_content_encoding"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # no signature at all, and a body too large for a validationUrl POST
+        {"x-adobe-digital-signature-1": "abc="},  # some, not all four
+        {
+            "x-adobe-digital-signature-1": "!!",
+            "x-adobe-digital-signature-2": "!!",
+            "x-adobe-public-key1-path": "/prod/keys/pub-key-a.pem",
+            "x-adobe-public-key2-path": "/etc/passwd",
+        },
+    ],
+)
+async def test_a_request_that_cannot_verify_is_refused_before_its_body_is_read(
+    bridge: Bridge, headers: dict[str, str]
+) -> None:
+    body = event_body(pad="x" * 10_000)
+    response = await bridge.client.post(
+        "/webhook", data=body, headers={"content-type": "application/json", **headers}
+    )
+    assert response.status == 401
+    assert response.headers.get("Connection", "").lower() == "close"  # the body was not read
+    assert bridge.publisher.published == []
+
+
+async def test_a_batch_over_max_batch_events_is_a_413(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+) -> None:
+    bridge = await make_bridge(max_batch_events=20)
+    events = [orjson.loads(event_body(event_id=f"b{i}")) for i in range(21)]
+    response = await bridge.post(orjson.dumps(events))
+    assert response.status == 413
+    assert (await response.json())["error"] == "too_many_events"
+    assert (await bridge.post(orjson.dumps(events[:20]))).status == 200
+
+
+async def test_the_routers_own_answers_are_json_too(bridge: Bridge) -> None:
+    missing = await bridge.client.get("/nowhere")
+    assert missing.status == 404
+    assert (await missing.json())["error"] == "not_found"
+    wrong = await bridge.client.delete("/webhook")
+    assert wrong.status == 405
+    assert (await wrong.json())["error"] == "method_not_allowed"
+    assert "POST" in wrong.headers["Allow"]
