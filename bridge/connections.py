@@ -62,20 +62,21 @@ class ConnectionGuard:
 
         return make
 
-    def admit(self, newcomer: GuardedHandler) -> bool:
-        """Make room for ``newcomer`` at the bound; False when nothing can be shed."""
+    def admit(self) -> bool:
+        """Make room for one more connection at the bound; False when nothing can be shed."""
         if len(self.open) < self.max_connections:
             return True
         now = time.monotonic()
-        idle = [c for c in self.open if c.state == IDLE and c is not newcomer]
+        idle = [c for c in self.open if c.state == IDLE]
         slow = [
             c for c in self.open if c.state in (HEADERS, REQUEST) and now - c.since >= SHED_MIN_AGE
         ]
-        victims = sorted(idle, key=lambda c: c.since) or sorted(slow, key=lambda c: c.since)
-        if not victims:
+        candidates = idle or slow
+        if not candidates:
             metrics.CONNECTIONS_CLOSED.labels("over_limit").inc()
             return False
-        victims[0].close_for(f"shed_{victims[0].state}")
+        victim = min(candidates, key=lambda c: c.since)
+        victim.close_for(f"shed_{victim.state}")
         return True
 
 
@@ -93,7 +94,7 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if not self.guard.admit(self):
+        if not self.guard.admit():
             self.force_close()
             return
         self.guard.open[self] = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -469,9 +470,11 @@ async def test_idle_connection_flood(rig: Rig, table: list[dict[str, Any]]) -> N
     raise_own_file_limit()
     held: list[asyncio.StreamWriter] = []
 
+    wave = min(500, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 300) // 4)
+
     async def flood() -> None:
         for _ in range(4):  # waves of idle connections, four times what the daemon can hold
-            for _ in range(500):
+            for _ in range(wave):
                 _, writer = await asyncio.open_connection("127.0.0.1", int(rig.env["BRIDGE_PORT"]))
                 held.append(writer)
             await asyncio.sleep(1)
