@@ -296,7 +296,8 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
     log = structlog.get_logger("bridge.cli")
     server = config.server
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(DescriptorAlarm())
+    alarm = DescriptorAlarm()
+    loop.set_exception_handler(alarm)
     bound = _connection_bound(server.max_connections)
     # The port first, then the outbox: a second daemon on the same port stops here, before it
     # reads (or replays) anything of the first one's. It listens only once all is ready.
@@ -333,7 +334,9 @@ async def _serve(config: Config, path: str, worker: WorkerSpec) -> int:
         config=config.source,
         max_connections=bound,
     )
+    watch = asyncio.create_task(alarm.watch(), name="descriptor-watch")
     signalled, problem = await _until_stopped(app, path, worker)
+    watch.cancel()
     log.info("bridge_stopping", signal=signalled, problem=problem)
     for listener in listeners:  # stop accepting; then answer what is in flight
         listener.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import resource
 import time
 from typing import Any, Final
@@ -193,11 +194,15 @@ def connection_bound(configured: int, descriptors: int) -> int:
 
 
 _EXHAUSTED: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_FD_FOLDER: Final = "/proc/self/fd"
+WATCH_SECONDS: Final = 1.0
+NEAR_LIMIT: Final = 8  # descriptors left: new connections (and files) are about to fail
 
 
 class DescriptorAlarm:
-    """A loop exception handler: an ``accept()`` that fails for want of descriptors is logged
-    as ``descriptors_exhausted`` (at most once a second) and counted; the rest as before."""
+    """Says ``descriptors_exhausted`` (at most once a second, counted) when the process runs
+    out of descriptors: as a loop exception handler, for asyncio's failed ``accept()``, and
+    from :meth:`watch`, once a second, for uvloop (libuv drops such a connection silently)."""
 
     def __init__(self) -> None:
         self._last = 0.0
@@ -205,16 +210,39 @@ class DescriptorAlarm:
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
-            metrics.DESCRIPTORS_EXHAUSTED.inc()
-            now = time.monotonic()
-            if now - self._last >= 1.0:
-                self._last = now
-                log.error(
-                    "descriptors_exhausted",
-                    error=str(exc),
-                    limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                    action="new connections wait; raise the descriptor limit or lower "
-                    "server.max_connections",
-                )
+            self.alarm(str(exc))
             return
         loop.default_exception_handler(context)
+
+    def alarm(self, error: str) -> None:
+        metrics.DESCRIPTORS_EXHAUSTED.inc()
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            log.error(
+                "descriptors_exhausted",
+                error=error,
+                limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                action="new connections fail; raise the descriptor limit (ulimit -n) or lower "
+                "server.max_connections",
+            )
+
+    def check(self) -> bool:
+        """Alarm when fewer than :data:`NEAR_LIMIT` descriptors are left; False where the
+        open descriptors cannot be counted (no ``/proc``: not Linux)."""
+        try:
+            used = len(os.listdir(_FD_FOLDER))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in _EXHAUSTED:  # none left even to look
+                self.alarm(str(exc))
+            return True
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit - used < NEAR_LIMIT:
+            self.alarm(f"{used} of {limit} descriptors open")
+        return True
+
+    async def watch(self) -> None:
+        while self.check():  # noqa: ASYNC110 - no event tells that descriptors run short
+            await asyncio.sleep(WATCH_SECONDS)
