@@ -51,7 +51,12 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        self.open: dict[GuardedHandler, None] = {}  # in the order they opened
+        # The open connections by state, each in the order it entered the state (oldest
+        # first), so a victim is found at once however many connections there are.
+        self.by_state: dict[str, dict[GuardedHandler, None]] = {
+            state: {} for state in (IDLE, HEADERS, REQUEST, BUSY)
+        }
+        self.count = 0
 
     def factory(self, server: web.Server, **handler_args: Any) -> Any:
         """The protocol factory for ``loop.create_server``: aiohttp's handler, guarded."""
@@ -65,20 +70,34 @@ class ConnectionGuard:
 
     def admit(self) -> bool:
         """Make room for one more connection at the bound; False when nothing can be shed."""
-        if len(self.open) < self.max_connections:
+        if self.count < self.max_connections:
             return True
-        now = time.monotonic()
-        idle = [c for c in self.open if c.state == IDLE]
-        slow = [
-            c for c in self.open if c.state in (HEADERS, REQUEST) and now - c.since >= SHED_MIN_AGE
-        ]
-        candidates = idle or slow
-        if not candidates:
+        victim = next(iter(self.by_state[IDLE]), None)
+        if victim is None:
+            now = time.monotonic()
+            slow = [
+                c
+                for c in (next(iter(self.by_state[s]), None) for s in (HEADERS, REQUEST))
+                if c is not None and now - c.since >= SHED_MIN_AGE
+            ]
+            victim = min(slow, key=lambda c: c.since, default=None)
+        if victim is None:
             metrics.CONNECTIONS_CLOSED.labels("over_limit").inc()
             return False
-        victim = min(candidates, key=lambda c: c.since)
         victim.close_for(f"shed_{victim.state}")
         return True
+
+    def move(self, connection: GuardedHandler, old: str | None, new: str | None) -> None:
+        """Book ``connection`` from state ``old`` to ``new`` (None: not counted)."""
+        if old is not None and self.by_state[old].pop(connection, 0) is None:
+            self.count -= 1
+        if new is not None:
+            self.by_state[new][connection] = None
+            self.count += 1
+        metrics.CONNECTIONS_OPEN.set(self.count)
+
+
+NEW, CLOSING = "new", "closing"  # not counted: not admitted yet, or closed
 
 
 class GuardedHandler(web.RequestHandler):
@@ -87,7 +106,7 @@ class GuardedHandler(web.RequestHandler):
     def __init__(self, server: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self.guard = guard
-        self.state = IDLE
+        self.state = NEW
         self.since = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -98,8 +117,6 @@ class GuardedHandler(web.RequestHandler):
         if not self.guard.admit():
             self.force_close()
             return
-        self.guard.open[self] = None
-        metrics.CONNECTIONS_OPEN.set(len(self.guard.open))
         self._enter(IDLE, self.guard.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -108,10 +125,7 @@ class GuardedHandler(web.RequestHandler):
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._cancel_timer()
-        if self in self.guard.open:
-            del self.guard.open[self]
-            metrics.CONNECTIONS_OPEN.set(len(self.guard.open))
+        self._leave()
         super().connection_lost(exc)
 
     # -- what the request tells ---------------------------------------------------------------
@@ -137,7 +151,8 @@ class GuardedHandler(web.RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already being sent")
         metrics.CONNECTIONS_CLOSED.labels("bad_request").inc()
-        log.info("bad_http_request", status=status, detail=message or type(exc).__name__)
+        level = log.info if status < 500 else log.warning
+        level("bad_http_request", status=status, detail=message or type(exc).__name__)
         response = web.Response(
             status=status,
             body=orjson.dumps(
@@ -152,6 +167,9 @@ class GuardedHandler(web.RequestHandler):
     # -- the timer ----------------------------------------------------------------------------
 
     def _enter(self, state: str, timeout: float | None) -> None:
+        if self.state == CLOSING:
+            return  # shed or timed out already: a late word from the request changes nothing
+        self.guard.move(self, None if self.state == NEW else self.state, state)
         self.state, self.since = state, time.monotonic()
         self._cancel_timer()
         if timeout is not None and self.transport is not None:
@@ -159,13 +177,22 @@ class GuardedHandler(web.RequestHandler):
                 timeout, self.close_for, f"{state}_timeout"
             )
 
+    def _leave(self) -> None:
+        """No longer counted: closing, or closed."""
+        self._cancel_timer()
+        if self.state not in (NEW, CLOSING):
+            self.guard.move(self, self.state, None)
+        self.state = CLOSING
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def close_for(self, reason: str) -> None:
-        self._cancel_timer()
+        """Close the connection now, and stop counting it at once (its ``connection_lost``
+        comes a loop turn later: a burst of newcomers must not shed it again)."""
+        self._leave()
         metrics.CONNECTIONS_CLOSED.labels(reason).inc()
         log.debug("connection_closed", reason=reason)
         self.force_close()

@@ -3,10 +3,13 @@ connections under floods are in test_hostile.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
-from bridge.connections import RESERVED_DESCRIPTORS, connection_bound
+from aiohttp import web
+
+from bridge.connections import RESERVED_DESCRIPTORS, ConnectionGuard, connection_bound
 
 
 def test_the_bound_leaves_descriptors_for_everything_else() -> None:
@@ -40,3 +43,40 @@ print(logs[0]["event"], logs[0]["error"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("descriptors_exhausted ")
     assert "descriptors open" in done.stdout
+
+
+async def test_a_burst_of_connections_never_holds_more_than_the_bound() -> None:
+    """Waves of connections, each far over the bound, opened at once: every newcomer sheds a
+    different idle one, so the bound holds (a shed one counts no more, though it closes a loop
+    turn later)."""
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    guard = ConnectionGuard(8, header_timeout=30, idle_timeout=30)
+    assert runner.server is not None
+    server = await asyncio.get_running_loop().create_server(
+        guard.factory(runner.server, access_log=None), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(5):
+            clients += await asyncio.gather(
+                *(asyncio.open_connection("127.0.0.1", port) for _ in range(50))
+            )
+            await asyncio.sleep(0.3)
+            still_open = [r for r, _ in clients if not r.at_eof()]
+            assert len(still_open) <= 8
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(1024), 5)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        for _, writer in clients:
+            writer.close()
+        server.close()
+        await runner.cleanup()
