@@ -91,7 +91,10 @@ def create_app(
     app = web.Application(
         middlewares=[answer_middleware], client_max_size=config.server.max_body_bytes + 1
     )
-    keys = KeyStore(config.verification)
+    known = None if config.outbox.mode == "off" else worker.outbox_dir(Path(config.outbox.dir))
+    keys = KeyStore(
+        config.verification, known_file=None if known is None else known / "known-key-paths"
+    )
     app[CONFIG] = config
     app[KEYS] = keys
     app[RELOAD_LOCK] = asyncio.Lock()

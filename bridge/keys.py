@@ -9,8 +9,9 @@ Owns: the one outbound HTTP client of the daemon. Rules, each a defence:
   does not exist (403/404/410) or holds no acceptable RSA key is remembered for 10 s only;
 - concurrent requests for the same path share one fetch, and misses are cached apart from keys,
   so made-up paths cannot evict a real key;
-- paths that once held a good key (``known``: Adobe's, at most 64) are fetched again on slots of
-  their own; a path never seen (anyone can make one up, unsigned) waits for no one: at most
+- paths that once held a good key (``known``: Adobe's, at most 64, kept across restarts in
+  ``outbox.dir/known-key-paths`` when there is an outbox) are fetched again on slots of their
+  own; a path never seen (anyone can make one up, unsigned) waits for no one: at most
   :data:`UNKNOWN_PER_SECOND` such fetches a second start (a burst of :data:`UNKNOWN_BURST`), and
   one past that is a 503 at once (``key_fetch_limited``), so a flood of made-up paths never
   delays the requests whose keys are known;
@@ -65,17 +66,23 @@ class KeyStore:
     """Resolve key paths to parsed RSA public keys; see the module docstring for the rules."""
 
     def __init__(
-        self, config: VerificationConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        config: VerificationConfig,
+        clock: Callable[[], float] = time.monotonic,
+        known_file: Path | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
+        # The known paths outlive a restart (``outbox.dir/known-key-paths``), so a flood of
+        # made-up paths right after one does not shut out Adobe's: paths only, never keys.
+        self._known_file = known_file
         # Keys and misses are kept apart, so that a flood of made-up paths (each one allowed by
         # the pattern, each one a miss) can never push a real key out of the cache.
         self._keys: dict[str, tuple[float, rsa.RSAPublicKey]] = {}
         self._misses: dict[str, tuple[float, KeyMissing]] = {}
         self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self._known_slots = asyncio.Semaphore(MAX_KNOWN_FETCHES)
-        self._known: dict[str, None] = {}  # paths that held a good key, oldest first
+        self._known: dict[str, None] = dict.fromkeys(_read_known(known_file))  # oldest first
         self._tokens = UNKNOWN_BURST
         self._refilled = clock()
         self._pending: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
@@ -158,10 +165,12 @@ class KeyStore:
         self._misses.pop(path, None)
         now = self._clock()
         _store(self._keys, MAX_KEYS, now, path, (now + self._config.key_cache_seconds, key))
-        self._known.pop(path, None)
-        self._known[path] = None
-        while len(self._known) > MAX_KEYS:
-            del self._known[next(iter(self._known))]
+        if path not in self._known:
+            self._known[path] = None
+            while len(self._known) > MAX_KEYS:
+                del self._known[next(iter(self._known))]
+            if self._known_file is not None:
+                await asyncio.to_thread(_write_known, self._known_file, list(self._known))
         return key
 
     async def _fetch(self, path: str) -> rsa.RSAPublicKey:
@@ -230,6 +239,27 @@ class KeyStore:
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             raise KeyHostUnavailable("key_unavailable", f"key host unreachable: {reason}") from None
+
+
+def _read_known(file: Path | None) -> list[str]:
+    """The known paths a previous run kept (any that is not an allowed path is ignored)."""
+    if file is None:
+        return []
+    try:
+        lines = file.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [p for p in lines if key_path_allowed(p)][-MAX_KEYS:]
+
+
+def _write_known(file: Path, paths: list[str]) -> None:
+    """Replace the file atomically; a failure costs only a fetch on the shared slots later."""
+    temporary = file.with_name(file.name + ".tmp")
+    try:
+        temporary.write_text("".join(p + "\n" for p in paths))
+        temporary.replace(file)
+    except OSError as exc:
+        log.warning("known_key_paths_not_kept", file=str(file), error=str(exc))
 
 
 def _store(

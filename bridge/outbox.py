@@ -57,6 +57,7 @@ log = structlog.get_logger("bridge.outbox")
 
 REPLAY_BATCH: Final = 64
 STRIKES: Final = 2  # refusals of a record sent alone before it is quarantined
+REQUEUE_AFTER: Final = 3  # failures of the oldest record before it goes behind the others
 WATCH_SECONDS: Final = 1.0
 
 
@@ -76,7 +77,21 @@ class _Pending:
     size: int
     doubt: asyncio.Future[Any] | None = None  # the open confirm of a publish that timed out
     settled: bool = False  # confirmed or quarantined: forgotten once those before it are
-    strikes: int = 0
+    strikes: int = 0  # closes of the channel over it, sent alone
+    failures: int = 0  # other failed publishes of it (nacks, returns)
+    poison: tuple[str, str] | None = None  # (kind, reason): never sent again; for the quarantine
+
+
+# An append waiting for the writer: its frames, messages, doubts, and the future it awaits.
+_Appending = tuple[
+    list[bytes], list[Outbound], list[asyncio.Future[Any] | None], asyncio.Future[None]
+]
+
+
+def _fail(appends: list[_Appending], error: Exception) -> None:
+    for _, _, _, future in appends:
+        if not future.done():
+            future.set_exception(error)
 
 
 _OPEN: weakref.WeakSet[Outbox] = weakref.WeakSet()
@@ -118,11 +133,7 @@ class Outbox:
         self._bytes = 0
         self._open = False
         self._write_failed = False
-        self._queue: list[
-            tuple[
-                list[bytes], list[Outbound], list[asyncio.Future[Any] | None], asyncio.Future[None]
-            ]
-        ] = []
+        self._queue: list[_Appending] = []
         self._wake_writer = asyncio.Event()
         self._wake_replayer = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever records are forgotten
@@ -206,11 +217,7 @@ class Outbox:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            for _, _, _, future in self._queue:
-                if not future.done():
-                    future.set_exception(
-                        OutboxUnavailable("outbox_closed", "the outbox is closing")
-                    )
+            _fail(self._queue, OutboxUnavailable("outbox_closed", "the outbox is closing"))
             self._queue.clear()
             self._open = False
             self.quarantine_file.close()
@@ -248,65 +255,76 @@ class Outbox:
             batch, self._queue = self._queue, []
             if not batch:
                 continue
-            frames = [frame for group, _, _, _ in batch for frame in group]
-            started = time.perf_counter()
             try:
-                async with self._io:
-                    ends = await asyncio.to_thread(self._write, frames)
-                    records = [
-                        _Pending(segment, end, message, len(frame), doubt)
-                        for (segment, end), frame, message, doubt in zip(
-                            ends,
-                            frames,
-                            (m for _, group, _, _ in batch for m in group),
-                            (d for _, _, group, _ in batch for d in group),
-                            strict=True,
-                        )
-                    ]
-                    self._pending.extend(records)
-            except Exception as exc:  # noqa: BLE001 - every failure is a 503 for these appends
-                self._write_failed = True
-                self._bytes -= sum(len(f) for f in frames)
-                metrics.OUTBOX_REFUSED.labels("write_failed").inc()
-                log.error("outbox_write_failed", error=str(exc), events=len(frames))
-                error = OutboxUnavailable("outbox_unavailable", f"outbox write failed: {exc}")
-                for _, _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._write_failed = False
-            metrics.OUTBOX_FSYNC_SECONDS.observe(time.perf_counter() - started)
-            for record in records:
-                if record.doubt is not None:
-                    record.doubt.add_done_callback(self._settler(record))
-            for _, _, _, future in batch:
-                if not future.done():
-                    future.set_result(None)
-            _report_depth()
-            self._wake_replayer.set()
+                await self._write_batch(batch)
+            except asyncio.CancelledError:  # closing: what was not written is a 503
+                _fail(batch, OutboxUnavailable("outbox_closed", "the outbox is closing"))
+                raise
 
-    def _write(self, frames: list[bytes]) -> list[tuple[int, int]]:
-        """Write and fsync (in a thread, under ``_io``); (segment, end) of every frame. Should
-        the folder be gone, everything held is written into a new one first."""
-        ends = self.files.write(b"".join(frames), [len(f) for f in frames])
-        if self.files.intact():
-            return ends
-        return self._rewrite(frames)
+    async def _write_batch(self, batch: list[_Appending]) -> None:
+        """One group commit: write and fsync ``batch``'s frames, then answer its appends."""
+        frames = [frame for group, _, _, _ in batch for frame in group]
+        started = time.perf_counter()
+        try:
+            async with self._io:
+                ends = await asyncio.to_thread(self._write, frames)
+                if ends is None:  # the folder was lost under us: all it held, again
+                    ends = await self._rewrite(frames)
+                records = [
+                    _Pending(segment, end, message, len(frame), doubt)
+                    for (segment, end), frame, message, doubt in zip(
+                        ends,
+                        frames,
+                        (m for _, group, _, _ in batch for m in group),
+                        (d for _, _, group, _ in batch for d in group),
+                        strict=True,
+                    )
+                ]
+                self._pending.extend(records)
+        except Exception as exc:  # noqa: BLE001 - every failure is a 503 for these appends
+            self._write_failed = True
+            self._bytes -= sum(len(f) for f in frames)
+            metrics.OUTBOX_REFUSED.labels("write_failed").inc()
+            log.error("outbox_write_failed", error=str(exc), events=len(frames))
+            _fail(batch, OutboxUnavailable("outbox_unavailable", f"outbox write failed: {exc}"))
+            return
+        self._write_failed = False
+        metrics.OUTBOX_FSYNC_SECONDS.observe(time.perf_counter() - started)
+        for record in records:
+            if record.doubt is not None:
+                record.doubt.add_done_callback(self._settler(record))
+        for _, _, _, future in batch:
+            if not future.done():
+                future.set_result(None)
+        _report_depth()
+        self._wake_replayer.set()
 
-    def _rewrite(self, frames: list[bytes]) -> list[tuple[int, int]]:
+    def _write(self, frames: list[bytes]) -> list[tuple[int, int]] | None:
+        """Write and fsync (in a thread, under ``_io``); (segment, end) of every frame, or None
+        when the folder or a segment is no longer ours (the frames are then not safe)."""
+        try:
+            ends = self.files.write(b"".join(frames), [len(f) for f in frames])
+        except FileNotFoundError:  # a new segment could not be made: the folder is gone
+            return None
+        return ends if self.files.intact() else None
+
+    async def _rewrite(self, frames: list[bytes]) -> list[tuple[int, int]]:
         """The folder (or a segment) was deleted or replaced: write every record not yet
-        confirmed, then ``frames``, into a new folder; (segment, end) of ``frames``."""
+        confirmed, then ``frames``, into a new folder; (segment, end) of ``frames``.
+
+        On the loop, under ``_io``: what is held is chosen here (the loop settles records
+        meanwhile), only the files are written in a thread."""
         held = [p for p in self._pending if not p.settled]
         held_frames = [encode(p.message) for p in held]
-        ends = iter(self.files.rewrite(held_frames + frames))
-        position = (self.files.segment, 0)
-        frame_of = dict(zip(map(id, held), held_frames, strict=True))
+        ends = await asyncio.to_thread(self.files.rewrite, held_frames + frames)
+        written = dict(zip(map(id, held), zip(held_frames, ends, strict=False), strict=True))
+        position = (ends[0][0], 0) if ends else (self.files.segment, 0)
         for record in self._pending:
-            # Settled records are not written again; each takes the place of the record before
-            # it, so the cursor only ever moves forward.
-            if not record.settled:
-                position = next(ends)
-                frame = frame_of[id(record)]
+            # What was not written again (settled) takes the place of the record before it,
+            # so the cursor only ever moves forward.
+            entry = written.get(id(record))
+            if entry is not None:
+                frame, position = entry
                 self._bytes += len(frame) - record.size
                 record.size = len(frame)
             record.segment, record.end = position
@@ -316,20 +334,19 @@ class Outbox:
             rewritten=len(held) + len(frames),
             action="recreated the folder and wrote every waiting event into it again",
         )
-        return list(ends)
+        return ends[len(held) :]
 
     async def _watchdog(self) -> None:
-        """Every second: is the folder still ours? If not, write what it held again."""
+        """Every second: are the folder and its files still ours? If not, write again what
+        they held (the outbox's records from memory, the quarantine's from its open file)."""
         while True:
             await asyncio.sleep(WATCH_SECONDS)
-            if not self._pending:
-                continue
             try:
                 async with self._io:
-                    if await asyncio.to_thread(self.files.intact):
-                        continue
-                    await asyncio.to_thread(self._rewrite, [])
-                self._write_failed = False
+                    if not await asyncio.to_thread(self.files.intact):
+                        await self._rewrite([])
+                        self._write_failed = False
+                    await asyncio.to_thread(self.quarantine_file.keep)
             except (OSError, OutboxLocked) as exc:
                 self._write_failed = True  # /readyz: unusable; appends get a 503 meanwhile
                 log.error("outbox_rewrite_failed", folder=str(self.folder), error=str(exc))
@@ -355,7 +372,14 @@ class Outbox:
                 self._wake_replayer.clear()
                 await self._wake_replayer.wait()
                 continue
-            head = next(p for p in self._pending if not p.settled)
+            head = next((p for p in self._pending if not p.settled), None)
+            if head is None:  # settled meanwhile (late confirms): forget them
+                continue
+            if head.poison is not None:  # its quarantine write failed: that, not a publish
+                if not await self._quarantine_poison():
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                continue
             if head.doubt is not None and not head.doubt.done():
                 # Its publish may yet be confirmed: wait for the verdict, not a second copy.
                 await asyncio.wait({head.doubt}, timeout=DOUBT_SECONDS + 1.0)
@@ -395,7 +419,7 @@ class Outbox:
         size = 1 if self._isolate else REPLAY_BATCH
         batch: list[_Pending] = []
         for record in self._pending:
-            if record.settled:
+            if record.settled or record.poison is not None:
                 continue
             if record.doubt is not None and not record.doubt.done():
                 break
@@ -426,11 +450,14 @@ class Outbox:
         if confirmed:
             self._replayed(len(confirmed))
         for out, doubt in unsafe:
+            record = record_of[id(out)]
             if doubt is not None:
-                record = record_of[id(out)]
                 record.doubt = doubt
                 doubt.add_done_callback(self._settler(record))
-        poison = [(record_of[id(out)], "unpublishable", why) for out, why in refused]
+            else:
+                record.failures += 1
+        for out, why in refused:
+            record_of[id(out)].poison = ("unpublishable", why)
         if exc.reason == "broker_refused" and not refused:
             if len(batch) > 1:
                 self._isolate = len(batch)  # which one? send them one at a time to find out
@@ -438,13 +465,47 @@ class Outbox:
                 record = batch[0]
                 record.strikes += 1
                 if record.strikes >= STRIKES:
-                    poison.append((record, "broker_refused", exc.detail))
-        if poison:
-            await self.quarantine([(r.message, kind, why) for r, kind, why in poison])
-            for record, _, _ in poison:
-                record.settled = True
-            self._isolate = max(0, self._isolate - len(poison))
-        return bool(confirmed or poison)
+                    record.poison = ("broker_refused", exc.detail)
+        progress = bool(confirmed)
+        if any(r.poison is not None for r in batch):
+            progress = await self._quarantine_poison() or progress
+        return await self._requeue_stuck() or progress
+
+    async def _quarantine_poison(self) -> bool:
+        """Move every record found poison to the quarantine; False if it cannot be written
+        (they are not sent again meanwhile: the write is what is retried)."""
+        poison = [r for r in self._pending if r.poison is not None and not r.settled]
+        if not poison:
+            return False
+        try:
+            await self.quarantine([(r.message, *r.poison) for r in poison if r.poison])
+        except OSError as exc:
+            log.error("outbox_quarantine_failed", error=str(exc), events=len(poison))
+            return False
+        for record in poison:
+            record.settled = True
+        self._isolate = max(0, self._isolate - len(poison))
+        return True
+
+    async def _requeue_stuck(self) -> bool:
+        """The oldest record keeps failing (nacked, returned) while others go through: it goes
+        behind them, written again, so that the cursor and the space behind it move on."""
+        waiting = [r for r in self._pending if not r.settled]
+        head = waiting[0] if waiting else None
+        if head is None or head.failures < REQUEUE_AFTER or len(waiting) < 2:
+            return False
+        try:
+            await self.append([head.message])
+        except Unavailable:  # full or unwritable: it stays where it is, and is retried there
+            return False
+        head.settled = True
+        log.warning(
+            "outbox_record_requeued",
+            message_id=head.message.message_id,
+            failures=head.failures,
+            detail="the broker keeps refusing it; the events behind it go first",
+        )
+        return True
 
     async def quarantine(self, entries: Sequence[tuple[Outbound, str, str]]) -> None:
         """Keep ``(message, kind, reason)`` in the quarantine file durably (OSError if not):
@@ -502,7 +563,7 @@ class Outbox:
                 log.warning("outbox_cursor_write_failed", error=str(exc))
                 if not await asyncio.to_thread(self.files.intact):
                     with contextlib.suppress(OSError, OutboxLocked):
-                        await asyncio.to_thread(self._rewrite, [])
+                        await self._rewrite([])
         self._drained.set()
         _report_depth()
         if not self._pending:

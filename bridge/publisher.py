@@ -118,7 +118,9 @@ class Publisher(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    async def publish(self, messages: Sequence[Outbound]) -> None: ...
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
+        """Publish ``messages``; return once all are confirmed; give up at the loop time
+        ``deadline`` at the latest (None: the publisher's own timeout)."""
 
 
 def broker_url(config: BrokerConfig) -> str:
@@ -399,7 +401,7 @@ class AmqpPublisher:
         if self._connection is connection:
             self._connection = None
 
-    async def publish(self, messages: Sequence[Outbound]) -> None:
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
         """Publish all messages at once; return only when every one is confirmed.
 
         Raises :class:`PublishFailed` if any is not, saying which are unsafe (in doubt or
@@ -411,7 +413,8 @@ class AmqpPublisher:
             return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.publish_timeout  # for the whole call
+        limit = loop.time() + self._config.publish_timeout  # for the whole call
+        deadline = limit if deadline is None else min(limit, deadline)
         sent: list[_Sent] = []
         refused: list[tuple[Outbound, str]] = []
         unsent: list[Outbound] = []

@@ -80,6 +80,8 @@ VALIDATION_PEEK_BYTES: Final = 4096
 VALIDATION_HOST: Final = "csm.adobe.io"
 _URL_TEXT: Final = re.compile(r"^[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,2048}$")
 PARSE_IN_THREAD_BYTES: Final = 1024 * 1024
+OUTBOX_MARGIN: Final = 1.0  # seconds kept, of the answer deadline, for the outbox's fsync
+DEADLINE: Final = web.RequestKey("deadline", float)  # the loop time the answer is due
 _HTTP_REASONS: Final = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -234,7 +236,8 @@ class Receiver:
             fields["delivery_id"] = delivery_id
         try:
             # One timer for the whole request, the body's arrival included.
-            async with asyncio.timeout(self.config.server.answer_deadline):
+            async with asyncio.timeout(self.config.server.answer_deadline) as scope:
+                request[DEADLINE] = scope.when() or 0.0
                 pairs, limit = self._admit(request)
                 body = await self._receive(request, limit)
                 mark_busy(request)
@@ -352,17 +355,21 @@ class Receiver:
         provider = context.copied.get("adobe-provider")
         fresh, fresh_keys = self._fresh(delivery, registration.name, fields)
         decisions = [(e, router.route(e, provider, registration.name)) for e in fresh]
+        # Every event's first target, then the second ones: two copies of one event are never
+        # in flight at once (bridge.publisher), so this way a batch waits one round trip a
+        # layer of targets, not one an event.
         messages = [
-            build_message(event, target, context, primary=n == 0)
+            build_message(event, decision.targets[n], context, primary=n == 0)
+            for n in range(max((len(d.targets) for _, d in decisions), default=0))
             for event, decision in decisions
-            for n, target in enumerate(decision.targets)
+            if n < len(decision.targets)
         ]
         for message in messages:
             if OMITTED in message.headers:
                 for name in message.headers[OMITTED].split(","):
                     metrics.HEADERS_OMITTED.labels(name).inc()
         fields["routing_key"] = _one_or_list([m.routing_key for m in messages])
-        delivered = await self._deliver(messages) if messages else None
+        delivered = await self._deliver(messages, request[DEADLINE]) if messages else None
         if self.recent is not None:
             for key in fresh_keys:
                 self.recent.remember(key)
@@ -430,13 +437,15 @@ class Receiver:
             fields["duplicates"] = len(delivery.events) - len(fresh)
         return fresh, keys
 
-    async def _deliver(self, messages: list[Outbound]) -> str:
+    async def _deliver(self, messages: list[Outbound], deadline: float) -> str:
         """Make every message safe; the outcome: ``published`` (confirmed by the broker),
         ``stored`` (some or all fsync'ed in the outbox) or ``quarantined``.
 
         ``always``: the outbox first (write-ahead); ``fallback``: the outbox for what the broker
         did not confirm, the quarantine for what no broker takes; ``off`` (no outbox): a 503, or
-        a 413 for a message no broker takes.
+        a 413 for a message no broker takes. The publish ends :data:`OUTBOX_MARGIN` before the
+        request's ``deadline`` at the latest, so what it leaves unconfirmed still reaches the
+        outbox in time.
         """
         outbox, mode = self.outbox, self.config.outbox.mode
         if outbox is not None and mode == "always":
@@ -444,7 +453,7 @@ class Receiver:
             metrics.EVENTS_STORED.inc(sum(m.primary for m in messages))
             return "stored"
         try:
-            await self.publisher.publish(messages)
+            await self.publisher.publish(messages, deadline - OUTBOX_MARGIN)
         except BrokerUnavailable as exc:
             unsafe, refused = unsafe_and_refused(exc, messages)
             _count_confirmed(messages, [m for m, _ in unsafe] + [m for m, _ in refused])

@@ -100,7 +100,13 @@ def resolve_pointer(document: Any, pointer: str) -> Any:
 def _text(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str | int | float):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: valid JSON, but no key or header carries it
+            return None
+        return value
+    if isinstance(value, int | float):
         return str(value)
     return None
 

@@ -359,8 +359,20 @@ class QuarantineFile:
         if self._fd is None or not self._intact():
             self._reopen()
         assert self._fd is not None
-        _write_all(self._fd, b"".join(frames))
-        os.fsync(self._fd)
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, b"".join(frames))
+            os.fsync(self._fd)
+        except OSError:
+            # No half-written frame left behind: it would hide every record after it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
+
+    def keep(self) -> None:
+        """If the file was deleted or replaced, write what it held into a new one now."""
+        if self._fd is not None and not self._intact():
+            self._reopen()
 
     def _intact(self) -> bool:
         try:
@@ -376,6 +388,12 @@ class QuarantineFile:
             self._fd = None
         make_folder(self.folder)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        if not kept:  # the first open: a torn tail (a crash mid-write) would hide what follows
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            valid = decode_with_meta(data)[1]
+            if valid < len(data):
+                os.ftruncate(fd, valid)
+                os.fsync(fd)
         if kept:
             _write_all(fd, kept)
             os.fsync(fd)

@@ -137,7 +137,7 @@ class FakePublisher:
         self.ready = True
         self.fail = False
 
-    async def publish(self, messages: Sequence[Outbound]) -> None:
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
         if self.fail:
             raise BrokerUnavailable("not_connected", "fake broker is down")
         self.published.extend(messages)

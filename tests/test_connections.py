@@ -49,6 +49,7 @@ async def test_a_burst_of_connections_never_holds_more_than_the_bound() -> None:
     """Waves of connections, each far over the bound, opened at once: every newcomer sheds a
     different idle one, so the bound holds (a shed one counts no more, though it closes a loop
     turn later)."""
+
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -72,3 +73,21 @@ async def test_a_known_path_is_fetched_again_past_a_flood_of_made_up_ones(
     assert asyncio.get_running_loop().time() - started < 0.5
     await asyncio.gather(*flood, return_exceptions=True)
     await keys.close()
+
+
+async def test_known_paths_outlive_a_restart(
+    slow_host: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    url, _ = slow_host
+    config = VerificationConfig(key_base_url=url)
+    first = KeyStore(config, known_file=tmp_path / "known-key-paths")
+    await first.get(KEY_PATH)
+    await first.close()
+    assert (tmp_path / "known-key-paths").read_text() == KEY_PATH + "\n"
+    now = [0.0]
+    again = KeyStore(config, clock=lambda: now[0], known_file=tmp_path / "known-key-paths")
+    again._tokens = 0.0  # a flood right after the restart has spent every token
+    await again.get(KEY_PATH)  # known: no token needed
+    with pytest.raises(KeyHostUnavailable):
+        await again.get("/prod/keys/pub-key-never-seen.pem")
+    await again.close()

@@ -42,7 +42,7 @@ class Recorder:
         self.published: list[Outbound] = []
         self.fail_next = 0
 
-    async def publish(self, messages: Sequence[Outbound]) -> None:
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
         if self.fail_next:
             self.fail_next -= 1
             raise BrokerUnavailable("not_connected", "down")
@@ -90,7 +90,7 @@ async def test_concurrent_appends_share_writes(tmp_path: Path) -> None:
     writes = 0
 
     class Counting(Outbox):
-        def _write(self, frames: list[bytes]) -> list[tuple[int, int]]:
+        def _write(self, frames: list[bytes]) -> list[tuple[int, int]] | None:
             nonlocal writes
             writes += 1
             return super()._write(frames)
@@ -215,7 +215,7 @@ class Refusing(Recorder):
         self.refuse, self.kind = refuse, kind
         self.attempts: list[list[str]] = []
 
-    async def publish(self, messages: Sequence[Outbound]) -> None:
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
         self.attempts.append([m.message_id for m in messages])
         bad = [m for m in messages if m.message_id in self.refuse]
         if not bad:
@@ -284,3 +284,53 @@ async def test_a_backlog_the_broker_takes_nothing_of_is_stalled(tmp_path: Path) 
     assert await outbox.drain(10)
     assert not outbox.stalled
     await outbox.close()
+
+
+async def test_a_poison_record_is_not_sent_again_while_its_quarantine_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher = Refusing({"m2"}, "unpublishable")
+    outbox = Outbox(tmp_path, 1 << 22, publisher)
+    await outbox.open()
+    failures = [OSError(28, "No space left on device")] * 3
+    real_add = outbox.quarantine_file.add
+
+    def add(frames: list[bytes]) -> None:
+        if failures:
+            raise failures.pop()
+        real_add(frames)
+
+    monkeypatch.setattr(outbox.quarantine_file, "add", add)
+    await outbox.append([message(i) for i in range(5)])
+    assert await outbox.drain(20)
+    assert sum(attempt.count("m2") for attempt in publisher.attempts) == 1  # refused once
+    assert [m.message_id for m, _ in read_quarantine(tmp_path)] == ["m2"]
+    await outbox.close()
+
+
+class Nacking(Recorder):
+    """The broker nacks ``m0`` every time (a queue that can never take it); the rest go."""
+
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
+        bad = [m for m in messages if m.message_id == "m0"]
+        self.published.extend(m for m in messages if m not in bad)
+        if bad:
+            raise PublishFailed("nacked", "nack", [(m, None) for m in bad], [])
+
+
+async def test_a_record_always_refused_goes_behind_the_others_and_the_cursor_moves_on(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path, 1 << 22, Nacking())
+    await outbox.open()
+    await outbox.append([message(i) for i in range(200)])
+    deadline = asyncio.get_running_loop().time() + 20
+    while outbox.depth > 1:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)
+    await outbox.close()
+    again = Outbox(tmp_path, 1 << 22, Recorder(ready=False))
+    await again.open()
+    assert again.depth == 1  # only the refused one: the cursor is past the 199 others
+    await again.close()

@@ -340,7 +340,7 @@ async def test_concurrent_requests_fetch_a_key_once(bridge: Bridge) -> None:
 
 
 class SlowPublisher(FakePublisher):
-    async def publish(self, messages: Sequence[Outbound]) -> None:
+    async def publish(self, messages: Sequence[Outbound], deadline: float | None = None) -> None:
         await asyncio.sleep(60)
 
 

@@ -348,3 +348,23 @@ def test_equals_compares_lists_too() -> None:
     ).events
     router = rules(one_rule("{fields: [{pointer: /data/tags, equals: [a, b]}]}"))
     assert keys(router, event) == HIT
+
+
+def test_a_lone_surrogate_in_the_body_renders_as_none_not_a_crash() -> None:
+    from bridge.adobe.envelope import parse_delivery
+    from bridge.rules import Route, TargetSpec
+
+    raw = b'{"event_id":"e","recipientclientid":"c","event":{"body":{"note":"\\ud800"}}}'
+    (event,) = parse_delivery(raw).events
+    router = Router(
+        (
+            Route(
+                "r",
+                targets=(TargetSpec("ex", "k.{/event/body/note}", (("n", "{/event/body/note}"),)),),
+            ),
+        ),
+        "unrouted",
+    )
+    (target,) = router.route(event).targets
+    assert target.routing_key == "k.none"
+    assert target.headers == (("n", "none"),)
