@@ -469,7 +469,9 @@ class Outbox:
         progress = bool(confirmed)
         if any(r.poison is not None for r in batch):
             progress = await self._quarantine_poison() or progress
-        return await self._requeue_stuck() or progress
+        if confirmed:  # others go through, the oldest does not: it must not hold them up
+            await self._requeue_stuck()
+        return progress  # a requeue is no progress: the backoff goes on
 
     async def _quarantine_poison(self) -> bool:
         """Move every record found poison to the quarantine; False if it cannot be written

@@ -334,3 +334,25 @@ async def test_a_record_always_refused_goes_behind_the_others_and_the_cursor_mov
     await again.open()
     assert again.depth == 1  # only the refused one: the cursor is past the 199 others
     await again.close()
+
+
+async def test_when_the_broker_takes_nothing_the_replayer_backs_off(tmp_path: Path) -> None:
+    """Every publish nacked (a full queue with reject-publish): no requeue storm, a backoff."""
+
+    class NackingAll(Recorder):
+        attempts = 0
+
+        async def publish(
+            self, messages: Sequence[Outbound], deadline: float | None = None
+        ) -> None:
+            self.attempts += 1
+            raise PublishFailed("nacked", "nack", [(m, None) for m in messages], [])
+
+    publisher = NackingAll()
+    outbox = Outbox(tmp_path, 1 << 22, publisher)
+    await outbox.open()
+    await outbox.append([message(i) for i in range(300)])
+    await asyncio.sleep(2.0)
+    assert publisher.attempts <= 8  # 0.2 s doubling: about 4 in 2 s
+    assert outbox.depth == 300  # nothing requeued, nothing lost
+    await outbox.close()
