@@ -91,3 +91,17 @@ async def rig(amqp_url: str, tmp_path: Path) -> AsyncIterator[Any]:
 
     async with make_rig(amqp_url, tmp_path) as made:
         yield made
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each ``os.fsync`` made durable: the path behind the descriptor, in order."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls

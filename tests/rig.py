@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import resource
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -26,6 +29,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder
 from tests.processes import Daemon, free_port
 from tests.proxy import Proxy
@@ -226,6 +230,30 @@ class Rig:
         ):
             answer = await response.read()
             return response.status, orjson.loads(answer) if answer else {}
+
+    def quarantined(self, bodies: Path | None = None) -> list[dict[str, Any]]:
+        """What ``events-bridge quarantine --json`` lists (and, with ``bodies``, writes)."""
+        extra = [] if bodies is None else ["--bodies", str(bodies)]
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bridge",
+                "quarantine",
+                "--config",
+                str(self.config),
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        return [orjson.loads(line) for line in listed.stdout.splitlines()]
 
     async def delivered(self, queues: tuple[str, ...] = ("all", "unrouted")) -> list[Any]:
         """Every message in the test's queues (taken off them): aio-pika messages."""

@@ -199,27 +199,7 @@ async def test_an_event_the_broker_refuses_for_its_size_is_quarantined(rig: Rig)
     ids = ids_of(await rig.delivered())
     assert {f"beside-{i}" for i in range(30)} <= set(ids)
     assert "too-big" not in ids
-    listed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bridge",
-            "quarantine",
-            "--config",
-            str(rig.config),
-            "--json",
-            "--bodies",
-            str(rig.tmp / "bodies"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **rig.env},
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
-    assert listed.returncode == 0, listed.stderr
-    kept = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    kept = rig.quarantined(bodies=rig.tmp / "bodies")
     assert {k["message_id"] for k in kept} == {"too-big", "too-big-2"}
     assert all("max" in k["reason"] for k in kept)
     assert {p.read_bytes() for p in (rig.tmp / "bodies").iterdir()} == {
@@ -871,7 +851,7 @@ async def test_a_record_the_broker_refuses_alone_twice_is_quarantined(
 
 
 async def test_the_outbox_folder_entries_are_durable_before_an_answer(
-    amqp_url: str, tmp_path: Path, forget_topology: list[Any], monkeypatch: pytest.MonkeyPatch
+    amqp_url: str, tmp_path: Path, forget_topology: list[Any], fsyncs: list[str]
 ) -> None:
     """POSIX: a file is durable once its folder entry is. The folder is fsync'ed after a
     segment is created and before anything is answered from it; after the cursor's rename."""
@@ -880,14 +860,7 @@ async def test_the_outbox_folder_entries_are_durable_before_an_answer(
     from tests.helpers import make_config
 
     folder = tmp_path / "outbox"
-    calls: list[str] = []
-    real = os.fsync
-
-    def spy(fd: int) -> None:
-        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    calls = fsyncs
     config = make_config(amqp_url=amqp_url)
     forget_topology.append(config.broker)
     publisher = AmqpPublisher(config.broker, config.topology)

@@ -28,20 +28,6 @@ def message(n: int) -> Outbound:
     )
 
 
-@pytest.fixture
-def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """What each fsync made durable: the path behind the descriptor, in order."""
-    calls: list[str] = []
-    real = os.fsync
-
-    def spy(fd: int) -> None:
-        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return calls
-
-
 def test_a_new_segment_and_the_cursor_are_durable_in_their_folder(
     tmp_path: Path, fsyncs: list[str]
 ) -> None:
