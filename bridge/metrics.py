@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+
+if TYPE_CHECKING:
+    from bridge.message import Outbound
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -207,6 +212,18 @@ def request_seconds(registration: str) -> Histogram:
 @functools.lru_cache(maxsize=1024)
 def events_published(event_code: str, job_status: str) -> Counter:
     return EVENTS_PUBLISHED.labels(_CODES(event_code), _STATUSES(job_status))
+
+
+def count_published(messages: Iterable[Outbound]) -> None:
+    """Count the events of ``messages`` the broker confirmed: one per event (its first
+    message), by code and job status, one metric update a kind."""
+    kinds: dict[tuple[str, str], int] = {}
+    for message in messages:
+        if message.primary:
+            kind = (message.type, message.headers.get("job-status", "none"))
+            kinds[kind] = kinds.get(kind, 0) + 1
+    for (code, status), count in kinds.items():
+        events_published(code, status).inc(count)
 
 
 KEYS_CACHED = KEY_LOOKUPS.labels("cached")

@@ -102,11 +102,6 @@ def _report_depth() -> None:
     metrics.OUTBOX_DEPTH.set(sum(outbox.depth for outbox in _OPEN))
 
 
-def _count_published(message: Outbound) -> None:
-    if message.primary:
-        metrics.events_published(message.type, message.headers.get("job-status", "none")).inc()
-
-
 class Outbox:
     """See the module docstring. ``open()`` before use, ``close()`` after."""
 
@@ -408,7 +403,7 @@ class Outbox:
                 continue
             for record in batch:
                 record.settled = True
-                _count_published(record.message)
+            metrics.count_published(r.message for r in batch)
             self._replayed(len(batch))
             self._failing_since = None
             delay = 0.2
@@ -446,7 +441,7 @@ class Outbox:
         ]
         for record in confirmed:
             record.settled = True
-            _count_published(record.message)
+        metrics.count_published(r.message for r in confirmed)
         if confirmed:
             self._replayed(len(confirmed))
         for out, doubt in unsafe:
@@ -539,7 +534,7 @@ class Outbox:
             return  # not confirmed: the replayer sends it
         if isinstance(confirmation.result(), Basic.Ack) and not record.settled:
             record.settled = True
-            _count_published(record.message)
+            metrics.count_published((record.message,))
         self._wake_replayer.set()
 
     def _settler(self, record: _Pending) -> Any:

@@ -29,7 +29,7 @@ import asyncio
 import dataclasses
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -456,7 +456,8 @@ class Receiver:
             await self.publisher.publish(messages, deadline - OUTBOX_MARGIN)
         except BrokerUnavailable as exc:
             unsafe, refused = unsafe_and_refused(exc, messages)
-            _count_confirmed(messages, [m for m, _ in unsafe] + [m for m, _ in refused])
+            left = {id(m) for m, _ in unsafe} | {id(m) for m, _ in refused}
+            metrics.count_published(m for m in messages if id(m) not in left)
             if outbox is None or mode != "fallback":
                 if refused and not unsafe:
                     raise PayloadTooLarge(
@@ -476,7 +477,7 @@ class Receiver:
             await outbox.append([m for m, _ in unsafe], [d for _, d in unsafe])
             metrics.EVENTS_STORED.inc(sum(m.primary for m, _ in unsafe))
             return "stored"
-        _count_confirmed(messages, ())
+        metrics.count_published(messages)
         return "published"
 
     def _validation(
@@ -514,18 +515,6 @@ def _adobe_validation_url(text: str) -> bool:
         VALIDATION_HOST,
         f"{VALIDATION_HOST}:443",
     )
-
-
-def _count_confirmed(messages: Sequence[Outbound], unconfirmed: Sequence[Outbound]) -> None:
-    """Count the events whose first message the broker confirmed (one metric update a kind)."""
-    left = {id(m) for m in unconfirmed}
-    kinds: dict[tuple[str, str], int] = {}
-    for message in messages:
-        if message.primary and id(message) not in left:
-            kind = (message.type, message.headers.get("job-status", "none"))
-            kinds[kind] = kinds.get(kind, 0) + 1
-    for (code, status), count in kinds.items():
-        metrics.events_published(code, status).inc(count)
 
 
 def _unsigned(headers: Any) -> bool:
