@@ -477,7 +477,8 @@ def cmd_declare(args: argparse.Namespace) -> int:
     async def declare() -> list[str]:
         import aio_pika
 
-        from bridge.publisher import broker_url, check_topology, declare_topology, redacted
+        from bridge.declare import check_topology, declare_topology
+        from bridge.publisher import broker_url, redacted
 
         try:
             connection = await aio_pika.connect(

@@ -55,6 +55,7 @@ from yarl import URL
 
 from bridge import metrics
 from bridge.config import BrokerConfig
+from bridge.declare import TopologyMissing, check_topology, declare_topology
 from bridge.errors import BrokerUnavailable
 from bridge.frames import HeaderTooLarge, Unpublishable, fit, publish_frames
 from bridge.message import OMITTED, Outbound
@@ -134,61 +135,6 @@ def broker_url(config: BrokerConfig) -> str:
 def redacted(url: str) -> str:
     parsed = URL(url)
     return str(parsed.with_password("***")) if parsed.password else str(parsed)
-
-
-class TopologyMissing(Exception):
-    """``topology.passive`` is set and the broker lacks something the topology names."""
-
-
-async def declare_topology(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
-    """Declare every exchange, queue and binding of ``topology``; idempotent.
-
-    A declaration that differs from what exists (another type or arguments) fails with the
-    broker's PRECONDITION_FAILED, which names the entity: nothing is changed silently.
-    """
-    for spec in topology.exchanges:
-        await channel.declare_exchange(
-            spec.name,
-            aio_pika.ExchangeType(spec.type),
-            durable=spec.durable,
-            auto_delete=spec.auto_delete,
-            internal=spec.internal,
-            arguments=spec.declare_arguments(),
-        )
-    for queue in topology.queues:
-        await channel.declare_queue(
-            queue.name, durable=queue.durable, arguments=queue.declare_arguments()
-        )
-    for binding in topology.bindings:
-        bound = await channel.get_queue(binding.queue, ensure=False)
-        await bound.bind(
-            binding.exchange,
-            routing_key=binding.routing_key,
-            arguments=dict(binding.arguments) or None,
-        )
-
-
-async def check_topology(
-    connection: aio_pika.abc.AbstractConnection, topology: Topology
-) -> list[str]:
-    """With ``passive: true``: what the topology names that the broker does not have."""
-    missing: list[str] = []
-    wanted = [("exchange", e.name) for e in topology.exchanges] + [
-        ("queue", q.name) for q in topology.queues
-    ]
-    for kind, name in wanted:
-        channel = await connection.channel()  # a 404 closes the channel: one per check
-        try:
-            if kind == "exchange":
-                await channel.declare_exchange(name, passive=True)
-            else:
-                await channel.declare_queue(name, passive=True)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            missing.append(f"{kind} {name!r}")
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-    return missing
 
 
 class _Sent(NamedTuple):

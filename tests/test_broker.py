@@ -495,7 +495,7 @@ async def test_outbox_keeps_events_through_an_outage_and_replays_them(
 
 
 async def test_a_reload_is_refused_while_the_broker_is_away() -> None:
-    from bridge.publisher import TopologyMissing
+    from bridge.declare import TopologyMissing
     from bridge.rules import default_topology
 
     config = make_config(amqp_url="amqp://guest:guest@127.0.0.1:1/")

@@ -17,7 +17,7 @@ import pytest
 from bridge.app import create_app
 from bridge.config import BrokerConfig, Config, parse_config
 from bridge.consumer import ATTEMPT_HEADER, Consumer, PermanentFailure, ReceivedEvent, decode
-from bridge.publisher import declare_topology
+from bridge.declare import declare_topology
 from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder
 from tests.processes import Daemon, cli, free_port
 

@@ -1,0 +1,68 @@
+"""Topology on the broker: declare what the config names, or check it is there (passive).
+
+Part of the deliver step; ``bridge.publisher`` calls it on every connect and on a reload, and
+``events-bridge topology`` from the command line. The topology itself (exchanges, queues,
+bindings) is parsed from YAML by ``bridge.rules``.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+import aio_pika.abc
+
+from bridge.rules import Topology
+
+
+class TopologyMissing(Exception):
+    """``topology.passive`` is set and the broker lacks something the topology names."""
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
+    """Declare every exchange, queue and binding of ``topology``; idempotent.
+
+    A declaration that differs from what exists (another type or arguments) fails with the
+    broker's PRECONDITION_FAILED, which names the entity: nothing is changed silently.
+    """
+    for spec in topology.exchanges:
+        await channel.declare_exchange(
+            spec.name,
+            aio_pika.ExchangeType(spec.type),
+            durable=spec.durable,
+            auto_delete=spec.auto_delete,
+            internal=spec.internal,
+            arguments=spec.declare_arguments(),
+        )
+    for queue in topology.queues:
+        await channel.declare_queue(
+            queue.name, durable=queue.durable, arguments=queue.declare_arguments()
+        )
+    for binding in topology.bindings:
+        bound = await channel.get_queue(binding.queue, ensure=False)
+        await bound.bind(
+            binding.exchange,
+            routing_key=binding.routing_key,
+            arguments=dict(binding.arguments) or None,
+        )
+
+
+async def check_topology(
+    connection: aio_pika.abc.AbstractConnection, topology: Topology
+) -> list[str]:
+    """With ``passive: true``: what the topology names that the broker does not have."""
+    missing: list[str] = []
+    wanted = [("exchange", e.name) for e in topology.exchanges] + [
+        ("queue", q.name) for q in topology.queues
+    ]
+    for kind, name in wanted:
+        channel = await connection.channel()  # a 404 closes the channel: one per check
+        try:
+            if kind == "exchange":
+                await channel.declare_exchange(name, passive=True)
+            else:
+                await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            missing.append(f"{kind} {name!r}")
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+    return missing
