@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -95,80 +96,109 @@ def create_app(
     keys = KeyStore(
         config.verification, known_file=None if known is None else known / "known-key-paths"
     )
+    owned: AmqpPublisher | None = None  # the broker connection this application makes
+    if publisher is None:
+        publisher = owned = AmqpPublisher(config.broker, config.topology)
     app[CONFIG] = config
     app[KEYS] = keys
     app[RELOAD_LOCK] = asyncio.Lock()
-    owned = publisher is None
-    chosen: Publisher = (
-        AmqpPublisher(config.broker, config.topology) if publisher is None else publisher
-    )
-    app[PUBLISHER] = chosen
-    outbox, stranded = _outboxes(config, chosen, worker)
+    app[PUBLISHER] = publisher
+    outbox, stranded = _outboxes(config, publisher, worker)
+    app.cleanup_ctx.append(Lifetime(config, keys, owned, outbox, stranded))
+    receiver = Receiver(config, Verifier(keys), publisher, outbox)
+    receiver.add_routes(app)
+    app[RECEIVER] = receiver
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz(config, publisher, outbox, stranded))
+    app.router.add_get("/metrics", _metrics)
+    return app
 
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        if config.verification.key_base_url.startswith("http://"):
-            log.warning(
-                "key_host_without_tls",
-                key_base_url=config.verification.key_base_url,
-                detail="public keys are fetched over plain HTTP: for local tests only",
-            )
-        if not config.verification.enabled:
-            log.warning(
-                "signature_verification_disabled",
-                detail="verification.enabled is false: forged events will be published",
-            )
-        metrics.configure(config.metrics.max_event_codes, config.metrics.max_job_statuses)
+
+@dataclass
+class Lifetime:
+    """The application's resources, as one ``cleanup_ctx`` entry: opened in :meth:`start`,
+    before the first request; closed in :meth:`stop`, after aiohttp has answered the last one.
+
+    ``owned`` is the broker connection the application made (none when a test gave its own
+    publisher); ``stranded`` the outboxes a run with more workers left, to replay (those that
+    cannot be opened are dropped from the list, which ``/readyz`` shares)."""
+
+    config: Config
+    keys: KeyStore
+    owned: AmqpPublisher | None
+    outbox: Outbox | None
+    stranded: list[Outbox]
+
+    async def __call__(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        yield
+        await self.stop()
+
+    async def start(self) -> None:
+        _warn_about_trust(self.config)
+        metrics.configure(self.config.metrics.max_event_codes, self.config.metrics.max_job_statuses)
         # The outbox folder's lock before anything else: a second daemon stops here.
-        if outbox is not None:
-            await outbox.open()
-        for leftover in list(stranded):
+        if self.outbox is not None:
+            await self.outbox.open()
+        for leftover in list(self.stranded):
             try:
                 await leftover.open()
             except OutboxUnavailable as exc:  # in use by someone: theirs to replay
                 log.warning("outbox_not_adopted", folder=str(leftover.folder), reason=exc.detail)
-                stranded.remove(leftover)
+                self.stranded.remove(leftover)
                 continue
             log.info("outbox_adopted", folder=str(leftover.folder), events=leftover.depth)
-        if owned and isinstance(chosen, AmqpPublisher):
-            await chosen.start()
+        if self.owned is not None:
+            await self.owned.start()
         log.info(
-            "bridge_started", version=__version__, paths=[r.path for r in config.registrations]
+            "bridge_started",
+            version=__version__,
+            paths=[r.path for r in self.config.registrations],
         )
-        yield
+
+    async def stop(self) -> None:
+        outbox = self.outbox
         if outbox is not None:
             # Shutdown order: the listener is closed and requests are answered (aiohttp), then
             # the outbox gets a bounded time to replay, then the broker connection closes.
-            if outbox.depth and not await outbox.drain(config.outbox.drain_seconds):
+            if outbox.depth and not await outbox.drain(self.config.outbox.drain_seconds):
                 log.warning(
                     "outbox_left_for_next_start", events=outbox.depth, folder=str(outbox.folder)
                 )
             await outbox.close()
-        for leftover in stranded:
+        for leftover in self.stranded:
             await leftover.close()
             if not leftover.depth:
                 shutil.rmtree(leftover.folder, ignore_errors=True)
-        if owned and isinstance(chosen, AmqpPublisher):
-            await chosen.close()
-        await keys.close()
+        if self.owned is not None:
+            await self.owned.close()
+        await self.keys.close()
         log.info("bridge_stopped")
 
-    app.cleanup_ctx.append(lifetime)
-    receiver = Receiver(config, Verifier(keys), chosen, outbox)
-    receiver.add_routes(app)
-    app[RECEIVER] = receiver
 
-    async def healthz(_request: web.Request) -> web.Response:
-        return json_response(200, {"status": "ok"})
-
-    async def metrics_handler(_request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(metrics.registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
+def _warn_about_trust(config: Config) -> None:
+    """One warning each for settings that are for local tests only."""
+    if config.verification.key_base_url.startswith("http://"):
+        log.warning(
+            "key_host_without_tls",
+            key_base_url=config.verification.key_base_url,
+            detail="public keys are fetched over plain HTTP: for local tests only",
+        )
+    if not config.verification.enabled:
+        log.warning(
+            "signature_verification_disabled",
+            detail="verification.enabled is false: forged events will be published",
         )
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", _readyz(config, chosen, outbox, stranded))
-    app.router.add_get("/metrics", metrics_handler)
-    return app
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return json_response(200, {"status": "ok"})
+
+
+async def _metrics(_request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(metrics.registry()), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def _readyz(

@@ -1,9 +1,9 @@
 """The authorize step, pure: may this registration take these events?
 
 Each event must be addressed to one of the registration's client ids (its recipient, as
-``bridge.adobe.envelope`` reads it by SPEC §4) and, when the registration lists IMS orgs, come
-from one of them: every element of a batch, or the whole request is refused (403). The webhook
-receiver and ``events-bridge route`` ask the same question here.
+``bridge.adobe.envelope`` reads it, as the README's "Verification" says) and, when the registration
+lists IMS orgs, come from one of them: every element of a batch, or the whole request is refused
+(403). The webhook receiver and ``events-bridge route`` ask the same question here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Typed configuration: one YAML file, validated once, into frozen dataclasses.
 
 Owns: reading the YAML, replacing ``${VAR}`` and ``${VAR:-default}`` from the environment, and
-checking every value. Every problem names its YAML path and line, for example
+checking every value, alone and against the others (a route's exchange against the topology, a
+timeout against the answer deadline). Every problem names its YAML path and line, for example
 ``broker.publish_timeout: expected a number, got 'soon' (bridge.yaml:14)``; unknown keys are
 problems too. :func:`parse_config` collects all problems and raises one :class:`ConfigError`.
+The dataclasses are ``bridge.config_types``' (re-exported here), the ``topology:`` section is
+``bridge.topology``'s and ``routes:`` are ``bridge.rules``'.
 
 Does not: exit the process (the CLI chooses exit code 78), read the environment after start-up,
 or open sockets. Secrets (the broker URL's password) come from the environment, never the file.
@@ -19,25 +22,44 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from bridge.errors import ConfigError
-from bridge.rules import (
-    Route,
-    Topology,
-    check_route_exchanges,
-    default_routes,
-    default_topology,
-    parse_routes,
-    parse_topology,
+from bridge.config_types import (
+    MAX_KEY_CACHE_SECONDS,
+    BrokerConfig,
+    Config,
+    DedupConfig,
+    LoggingConfig,
+    MetricsConfig,
+    OutboxConfig,
+    Registration,
+    ServerConfig,
+    VerificationConfig,
 )
-from bridge.yamldoc import Doc
+from bridge.errors import ConfigError
+from bridge.rules import check_route_exchanges, default_routes, parse_routes
+from bridge.topology import Topology, default_topology, parse_topology
+from bridge.yamldoc import Doc, Section, locate
 
-T = TypeVar("T")
+__all__ = [
+    "ALL_SECTIONS",
+    "MAX_KEY_CACHE_SECONDS",
+    "BrokerConfig",
+    "Config",
+    "DedupConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "OutboxConfig",
+    "Registration",
+    "ServerConfig",
+    "VerificationConfig",
+    "load_config",
+    "parse_config",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
@@ -47,135 +69,14 @@ _AMQP_URL = re.compile(
     r"(?:/[^?#]*)?(?:\?[^#]*)?$"
 )
 
-MAX_KEY_CACHE_SECONDS = 24 * 3600  # Adobe: cache a public key for not more than 24 h
 
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_batch_events: int = 1000  # Adobe sends at most 20; more is refused before any work
-    max_in_flight: int = 256  # verified webhook requests at once; more get 429
-    max_connections: int = 1024  # open connections; at the bound, idle ones are shed first
-    # Adobe gives up after 10 s including connection set-up; we answer within this.
-    answer_deadline: float = 7.5
-    body_timeout: float = 5.0  # the body must arrive within this once the headers have
-    header_timeout: float = 5.0  # a request's headers must arrive within this
-    idle_timeout: float = 15.0  # a connection with no request in progress is closed after this
-    shutdown_timeout: float = 20.0
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    heartbeat: int = 10
-    connect_timeout: float = 5.0
-    publish_timeout: float = 5.0
-    reconnect_max_delay: float = 5.0
-    # Bodies over this the broker refuses (its max_message_size); 0: learn it from the broker.
-    max_message_bytes: int = 0
-    exchange: str = "adobe.events"
-    unrouted_exchange: str = "adobe.unrouted"
-    unrouted_queue: str = "adobe.unrouted"
-
-
-_DEFAULT_BROKER = BrokerConfig()
-_DEFAULT_TOPOLOGY = default_topology(
-    _DEFAULT_BROKER.exchange, _DEFAULT_BROKER.unrouted_exchange, _DEFAULT_BROKER.unrouted_queue
-)
-_DEFAULT_ROUTES = default_routes(_DEFAULT_BROKER.exchange)
-
-
-@dataclass(frozen=True)
-class VerificationConfig:
-    enabled: bool = True
-    key_base_url: str = "https://static.adobeioevents.com"
-    key_cache_seconds: float = float(MAX_KEY_CACHE_SECONDS)
-    key_fetch_timeout: float = 3.0
-    key_max_bytes: int = 16 * 1024
-
-
-@dataclass(frozen=True)
-class Registration:
-    name: str
-    path: str
-    client_ids: tuple[str, ...]
-    ims_orgs: tuple[str, ...] = ()  # empty: any org
-    routes: tuple[Route, ...] | None = None  # None: the shared top-level routes
-
-
-@dataclass(frozen=True)
-class OutboxConfig:
-    dir: str = ".local/outbox"
-    # off: a broker that cannot take an event gives a 503; fallback: the event is written here
-    # and answered 200; always: every event is written here first (write-ahead).
-    mode: str = "fallback"
-    max_bytes: int = 256 * 1024 * 1024
-    drain_seconds: float = 10.0  # on SIGTERM, time for the replayer to empty the outbox
-    # A backlog the connected broker takes nothing of for this long: /readyz says not ready.
-    stall_seconds: float = 30.0
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    """An event id confirmed within the window is not published again."""
-
-    enabled: bool = True
-    seconds: float = 600.0
-    size: int = 100_000
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Label values that signed input chooses are bounded: the first N keep their own series."""
-
-    max_event_codes: int = 100
-    max_job_statuses: int = 20
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    format: str = "auto"  # json, console, or auto (console on a terminal)
-    level: str = "info"
-
-
-@dataclass(frozen=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    broker: BrokerConfig = field(default_factory=BrokerConfig)
-    verification: VerificationConfig = field(default_factory=VerificationConfig)
-    registrations: tuple[Registration, ...] = ()
-    outbox: OutboxConfig = field(default_factory=OutboxConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    topology: Topology = field(default_factory=lambda: _DEFAULT_TOPOLOGY)
-    routes: tuple[Route, ...] = field(default_factory=lambda: _DEFAULT_ROUTES)
-    source: str = "<config>"
-
-    def routes_for(self, registration: Registration) -> tuple[Route, ...]:
-        return self.routes if registration.routes is None else registration.routes
+def _keys(section: type[Any]) -> set[str]:
+    """The keys a section of the file takes: its dataclass's fields."""
+    return {f.name for f in fields(section)}
 
 
 def _server(doc: Doc, node: yaml.Node | None) -> ServerConfig:
-    s = doc.mapping(
-        node,
-        "server",
-        {
-            "host",
-            "port",
-            "max_body_bytes",
-            "max_batch_events",
-            "max_in_flight",
-            "max_connections",
-            "answer_deadline",
-            "body_timeout",
-            "header_timeout",
-            "idle_timeout",
-            "shutdown_timeout",
-        },
-    )
+    s = doc.mapping(node, "server", _keys(ServerConfig))
     d = ServerConfig()
     cfg = ServerConfig(
         host=s.string("host", d.host),
@@ -193,34 +94,20 @@ def _server(doc: Doc, node: yaml.Node | None) -> ServerConfig:
     if cfg.body_timeout >= cfg.answer_deadline:
         doc.fail(
             "server.body_timeout",
-            s.items.get("body_timeout"),
+            _first(s, "body_timeout", "answer_deadline"),
             "must be below server.answer_deadline, so a late body still gets its 503 in time",
         )
     if cfg.shutdown_timeout < cfg.answer_deadline:
         doc.fail(
             "server.shutdown_timeout",
-            s.items.get("shutdown_timeout"),
+            _first(s, "shutdown_timeout", "answer_deadline"),
             "must be at least server.answer_deadline, so requests in flight are answered",
         )
     return cfg
 
 
 def _broker(doc: Doc, node: yaml.Node | None) -> BrokerConfig:
-    s = doc.mapping(
-        node,
-        "broker",
-        {
-            "url",
-            "heartbeat",
-            "connect_timeout",
-            "publish_timeout",
-            "reconnect_max_delay",
-            "max_message_bytes",
-            "exchange",
-            "unrouted_exchange",
-            "unrouted_queue",
-        },
-    )
+    s = doc.mapping(node, "broker", _keys(BrokerConfig))
     d = BrokerConfig()
     url = s.get("url", d.url, _amqp_url, "an amqp:// or amqps:// URL with a host")
     cfg = BrokerConfig(
@@ -237,18 +124,21 @@ def _broker(doc: Doc, node: yaml.Node | None) -> BrokerConfig:
     if cfg.exchange == cfg.unrouted_exchange:
         doc.fail(
             "broker.unrouted_exchange",
-            s.items.get("unrouted_exchange"),
+            _first(s, "unrouted_exchange", "exchange"),
             "must differ from broker.exchange",
         )
     return cfg
 
 
+def _first(section: Section, *keys: str) -> yaml.Node | None:
+    """The node of the first of ``keys`` the file gives, else the section's: for a problem that
+    compares values, the line of the one named first, or of the other when it is a default."""
+    found = (section.items[key] for key in keys if key in section.items)
+    return next(found, section.node)
+
+
 def _verification(doc: Doc, node: yaml.Node | None) -> VerificationConfig:
-    s = doc.mapping(
-        node,
-        "verification",
-        {"enabled", "key_base_url", "key_cache_seconds", "key_fetch_timeout", "key_max_bytes"},
-    )
+    s = doc.mapping(node, "verification", _keys(VerificationConfig))
     d = VerificationConfig()
     return VerificationConfig(
         enabled=s.boolean("enabled", d.enabled),
@@ -304,18 +194,27 @@ def _registrations(doc: Doc, node: yaml.Node | None) -> tuple[Registration, ...]
         result.append(
             Registration(name, url_path, client_ids or (), s.strings("ims_orgs") or (), routes)
         )
-    for field_name in ("name", "path"):
-        seen: set[str] = set()
-        for i, reg in enumerate(result):
-            value = getattr(reg, field_name)
-            if value in seen:
-                doc.fail(f"registrations[{i}].{field_name}", node.value[i], f"duplicate {value!r}")
-            seen.add(value)
+    _check_unique(doc, node, result)
     return tuple(result)
 
 
+def _check_unique(doc: Doc, node: yaml.Node, registrations: list[Registration]) -> None:
+    """Each registration has its own name and path (a default path counts as given)."""
+    for field_name in ("name", "path"):
+        seen: set[str] = set()
+        for i, reg in enumerate(registrations):
+            value = getattr(reg, field_name)
+            if value in seen:
+                doc.fail(
+                    f"registrations[{i}].{field_name}",
+                    locate(node, i, field_name) or node.value[i],
+                    f"duplicate {value!r}",
+                )
+            seen.add(value)
+
+
 def _outbox(doc: Doc, node: yaml.Node | None) -> OutboxConfig:
-    s = doc.mapping(node, "outbox", {"dir", "mode", "max_bytes", "drain_seconds", "stall_seconds"})
+    s = doc.mapping(node, "outbox", _keys(OutboxConfig))
     d = OutboxConfig()
     return OutboxConfig(
         dir=s.string("dir", d.dir),
@@ -327,7 +226,7 @@ def _outbox(doc: Doc, node: yaml.Node | None) -> OutboxConfig:
 
 
 def _dedup(doc: Doc, node: yaml.Node | None) -> DedupConfig:
-    s = doc.mapping(node, "dedup", {"enabled", "seconds", "size"})
+    s = doc.mapping(node, "dedup", _keys(DedupConfig))
     d = DedupConfig()
     return DedupConfig(
         enabled=s.boolean("enabled", d.enabled),
@@ -337,7 +236,7 @@ def _dedup(doc: Doc, node: yaml.Node | None) -> DedupConfig:
 
 
 def _logging(doc: Doc, node: yaml.Node | None) -> LoggingConfig:
-    s = doc.mapping(node, "logging", {"format", "level"})
+    s = doc.mapping(node, "logging", _keys(LoggingConfig))
     d = LoggingConfig()
     return LoggingConfig(
         format=s.choice("format", d.format, ("auto", "json", "console")),
@@ -346,7 +245,7 @@ def _logging(doc: Doc, node: yaml.Node | None) -> LoggingConfig:
 
 
 def _metrics(doc: Doc, node: yaml.Node | None) -> MetricsConfig:
-    s = doc.mapping(node, "metrics", {"max_event_codes", "max_job_statuses"})
+    s = doc.mapping(node, "metrics", _keys(MetricsConfig))
     d = MetricsConfig()
     return MetricsConfig(
         max_event_codes=s.integer("max_event_codes", d.max_event_codes, 1, 10_000),
@@ -380,31 +279,13 @@ def parse_config(
     Raises :class:`ConfigError` listing every problem found.
     """
     doc = Doc(source, os.environ if environ is None else environ)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" ({source}:{mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"(top): not valid YAML: {problem}{where}"]) from None
-    top = doc.mapping(root, "", {*_SECTIONS, "topology", "routes"})
-    values: dict[str, Any] = {}
-    for name in sections:
-        if name in _SECTIONS:
-            values[name] = _SECTIONS[name](doc, top.items.get(name))
+    top = doc.mapping(_compose(text, source), "", {*_SECTIONS, "topology", "routes"})
+    values: dict[str, Any] = {
+        name: _SECTIONS[name](doc, top.items.get(name)) for name in sections if name in _SECTIONS
+    }
     broker: BrokerConfig = values.get("broker", BrokerConfig())
-    server: ServerConfig | None = values.get("server")
-    if (
-        server is not None
-        and "broker" in values
-        and broker.publish_timeout + 1.0 > server.answer_deadline
-    ):
-        doc.fail(
-            "broker.publish_timeout",
-            None,
-            f"must be at least 1 s below server.answer_deadline ({server.answer_deadline:g}),"
-            " so an event the broker does not confirm still has time to reach the outbox",
-        )
+    if "server" in values and "broker" in values:
+        _check_publish_timeout(doc, top, broker, values["server"])
     if "topology" in sections:
         values["topology"] = parse_topology(
             doc,
@@ -414,34 +295,64 @@ def parse_config(
     if "routes" in sections:
         routes = parse_routes(doc, top.items.get("routes"), "routes")
         values["routes"] = default_routes(broker.exchange) if routes is None else routes
-    _check_exchanges(doc, values, broker)
+    _check_exchanges(doc, top, values, broker)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Config(source=source, **values)
 
 
-def _check_exchanges(doc: Doc, values: dict[str, Any], broker: BrokerConfig) -> None:
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """The YAML tree of ``text``; YAML that does not parse is a :class:`ConfigError` at once."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" ({source}:{mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"(top): not valid YAML: {problem}{where}"]) from None
+
+
+def _check_publish_timeout(
+    doc: Doc, top: Section, broker: BrokerConfig, server: ServerConfig
+) -> None:
+    """An unconfirmed publish must give up in time for the event to reach the outbox."""
+    if broker.publish_timeout + 1.0 <= server.answer_deadline:
+        return
+    doc.fail(
+        "broker.publish_timeout",
+        locate(top.node, "broker", "publish_timeout")
+        or locate(top.node, "server", "answer_deadline"),
+        f"must be at least 1 s below server.answer_deadline ({server.answer_deadline:g}),"
+        " so an event the broker does not confirm still has time to reach the outbox",
+    )
+
+
+def _check_exchanges(doc: Doc, top: Section, values: dict[str, Any], broker: BrokerConfig) -> None:
+    """Every exchange the config publishes to must be in the topology: the unrouted exchange,
+    and each rule's targets (the top-level routes and every registration's own)."""
     topology: Topology | None = values.get("topology")
     if topology is None:
         return
+    exchanges = locate(top.node, "topology", "exchanges") or top.items.get("topology")
     if broker.unrouted_exchange not in {e.name for e in topology.exchanges}:
         doc.fail(
             "broker.unrouted_exchange",
-            None,
+            locate(top.node, "broker", "unrouted_exchange") or exchanges,
             f"exchange {broker.unrouted_exchange!r} (where events no rule takes go) is not "
             "in topology.exchanges",
         )
-    check_route_exchanges(
-        doc, values.get("routes", ()), "routes", topology, broker.unrouted_exchange
-    )
+    routes = top.items.get("routes")
+    if routes is None:  # the default rule, to broker.exchange
+        routes = locate(top.node, "broker", "exchange") or exchanges
+    check_route_exchanges(doc, values.get("routes", ()), routes, "routes", topology)
     for i, registration in enumerate(values.get("registrations", ())):
         if registration.routes is not None:
             check_route_exchanges(
                 doc,
                 registration.routes,
+                locate(top.node, "registrations", i, "routes"),
                 f"registrations[{i}].routes",
                 topology,
-                broker.unrouted_exchange,
             )
 
 

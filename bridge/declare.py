@@ -10,7 +10,7 @@ from __future__ import annotations
 import aio_pika
 import aio_pika.abc
 
-from bridge.rules import Topology
+from bridge.topology import Topology
 
 
 class TopologyMissing(Exception):

@@ -1,4 +1,5 @@
-"""Event + target → the AMQP message we publish: body, properties and headers (SPEC §5).
+"""Event + target → the AMQP message we publish: body, properties and headers (the
+README, "What is published").
 
 Pure: returns an :class:`Outbound` value; ``bridge.publisher`` turns it into an aio-pika message.
 

@@ -164,6 +164,14 @@ BROKER_CONNECTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+PUBLISH_PATH = Gauge(
+    "bridge_publish_path",
+    "1 for the path publishes take: fast (aiormq's writer and confirm tables) or portable "
+    "(aiormq's basic_publish, when its internals are not what the bridge expects).",
+    ["path"],
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 
 
 OTHER = "other"

@@ -6,8 +6,8 @@ globs on the event code, job status (``none`` when the event has none), IMS org,
 (``equals``, ``one_of``, ``exists``, ``glob``). A matching ``publish`` rule adds its targets and
 ends the search, unless it says ``continue: true``. A matching ``drop`` rule ends the search and
 adds nothing: if no earlier rule added a target, the event is dropped (accepted, counted, logged,
-never published). An event that no rule takes goes to the unrouted exchange (SPEC §5:
-``adobe.unrouted``), never nowhere.
+never published). An event that no rule takes goes to the unrouted exchange (the README, "What is
+published": ``adobe.unrouted``), never nowhere.
 
 Targets carry templates: ``{event_code}``, ``{status}``, ``{org_id}``, ``{job_id}``,
 ``{provider}``, ``{registration}`` and ``{/json/pointer}``; a missing value renders as ``none``.

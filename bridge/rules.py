@@ -1,8 +1,9 @@
-"""Routing rules and broker topology as configured in YAML: their types and their parsing.
+"""Routing rules as configured in YAML (``routes:``): their types and their parsing.
 
-Owns: the ``routes:`` list (also inside a registration) and the ``topology:`` section, parsed into
-frozen dataclasses with every problem named by YAML path and line. ``bridge.routing`` compiles
-the rules and applies them; ``bridge.publisher`` declares the topology. Pure: no I/O.
+Owns: the ``routes:`` list (also inside a registration), parsed into frozen dataclasses with
+every problem named by YAML path and line (see the README, "Routing rules"). ``bridge.routing``
+compiles the rules and applies them; the ``topology:`` they publish into is
+``bridge.topology``'s. Pure: no I/O.
 
 A rule::
 
@@ -33,17 +34,14 @@ from typing import Any
 
 import yaml
 
-from bridge.yamldoc import Doc
+from bridge.topology import AMQP_NAME, Topology
+from bridge.yamldoc import Doc, locate
 
 MAX_HEADER_NAME_BYTES = 128
-EXCHANGE_TYPES = ("topic", "direct", "fanout", "headers")
-QUEUE_TYPES = ("quorum", "classic")
-OVERFLOWS = ("drop-head", "reject-publish", "reject-publish-dlx")
 FIELD_OPS = ("equals", "one_of", "exists", "glob")
 PLACEHOLDERS = ("event_code", "status", "org_id", "job_id", "provider", "registration")
 DEFAULT_ROUTING_KEY = "{event_code}.{status}"
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,127}$")  # AMQP: exchange names <= 127
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -78,79 +76,6 @@ class Route:
     action: str = "publish"  # or "drop"
     targets: tuple[TargetSpec, ...] = ()
     continue_: bool = False
-
-
-@dataclass(frozen=True)
-class ExchangeSpec:
-    name: str
-    type: str = "topic"
-    durable: bool = True
-    auto_delete: bool = False
-    internal: bool = False
-    alternate_exchange: str | None = None
-    arguments: tuple[tuple[str, Any], ...] = ()
-
-    def declare_arguments(self) -> dict[str, Any]:
-        arguments = dict(self.arguments)
-        if self.alternate_exchange:
-            arguments["alternate-exchange"] = self.alternate_exchange
-        return arguments
-
-
-@dataclass(frozen=True)
-class QueueSpec:
-    name: str
-    type: str = "quorum"
-    durable: bool = True
-    dead_letter_exchange: str | None = None
-    dead_letter_routing_key: str | None = None
-    message_ttl_ms: int | None = None
-    max_length: int | None = None
-    overflow: str | None = None
-    delivery_limit: int | None = None
-    arguments: tuple[tuple[str, Any], ...] = ()
-
-    def declare_arguments(self) -> dict[str, Any]:
-        arguments: dict[str, Any] = {"x-queue-type": self.type}
-        optional = {
-            "x-dead-letter-exchange": self.dead_letter_exchange,
-            "x-dead-letter-routing-key": self.dead_letter_routing_key,
-            "x-message-ttl": self.message_ttl_ms,
-            "x-max-length": self.max_length,
-            "x-overflow": self.overflow,
-            "x-delivery-limit": self.delivery_limit,
-        }
-        arguments.update({k: v for k, v in optional.items() if v is not None})
-        arguments.update(dict(self.arguments))
-        return arguments
-
-
-@dataclass(frozen=True)
-class BindingSpec:
-    exchange: str
-    queue: str
-    routing_key: str = ""
-    arguments: tuple[tuple[str, Any], ...] = ()
-
-
-@dataclass(frozen=True)
-class Topology:
-    exchanges: tuple[ExchangeSpec, ...] = ()
-    queues: tuple[QueueSpec, ...] = ()
-    bindings: tuple[BindingSpec, ...] = ()
-    passive: bool = False
-
-
-def default_topology(exchange: str, unrouted_exchange: str, unrouted_queue: str) -> Topology:
-    """SPEC §5: the events topic exchange, whose alternate exchange parks what nobody binds."""
-    return Topology(
-        exchanges=(
-            ExchangeSpec(unrouted_exchange, "fanout"),
-            ExchangeSpec(exchange, "topic", alternate_exchange=unrouted_exchange),
-        ),
-        queues=(QueueSpec(unrouted_queue, "quorum"),),
-        bindings=(BindingSpec(unrouted_exchange, unrouted_queue),),
-    )
 
 
 def default_routes(exchange: str) -> tuple[Route, ...]:
@@ -223,7 +148,7 @@ def _match(doc: Doc, path: str, node: yaml.Node | None) -> Match:
 
 def _target(doc: Doc, path: str, node: yaml.Node) -> TargetSpec:
     s = doc.mapping(node, path, {"exchange", "routing_key", "headers"})
-    exchange = s.string("exchange", "", _NAME)
+    exchange = s.string("exchange", "", AMQP_NAME)
     if not s.has("exchange"):
         doc.fail(f"{path}.exchange", node, "required: the exchange to publish to")
     routing_key = s.get("routing_key", DEFAULT_ROUTING_KEY, str, "a routing key template")
@@ -267,7 +192,7 @@ def parse_routes(doc: Doc, node: yaml.Node | None, path: str) -> tuple[Route, ..
             doc.fail(f"{sub}.targets", s.items["targets"], "a drop rule has no targets")
         routes.append(
             Route(
-                name=s.string("name", f"rule-{i}", _NAME),
+                name=s.string("name", f"rule-{i}", AMQP_NAME),
                 match=_match(doc, f"{sub}.match", s.items.get("match")),
                 action=action,
                 targets=targets,
@@ -277,189 +202,21 @@ def parse_routes(doc: Doc, node: yaml.Node | None, path: str) -> tuple[Route, ..
     return tuple(routes)
 
 
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _arguments(doc: Doc, values: dict[str, Any], path: str) -> tuple[tuple[str, Any], ...]:
-    """AMQP table values the broker takes: strings, booleans, whole numbers within 64 bits."""
-    for name, value in values.items():
-        fits = isinstance(value, str | bool) or (
-            isinstance(value, int) and _INT64[0] <= value <= _INT64[1]
-        )
-        if not fits:
-            doc.fail(
-                f"{path}.{name}",
-                None,
-                f"expected a string, true/false or a whole number, got {value!r}",
-            )
-    return tuple(sorted(values.items()))
-
-
-def parse_topology(doc: Doc, node: yaml.Node | None, default: Topology) -> Topology:
-    if node is None:
-        return default
-    s = doc.mapping(node, "topology", {"passive", "exchanges", "queues", "bindings"})
-    exchanges: list[ExchangeSpec] = []
-    for path, item in s.sequence("exchanges"):
-        e = doc.mapping(
-            item,
-            path,
-            {
-                "name",
-                "type",
-                "durable",
-                "auto_delete",
-                "internal",
-                "alternate_exchange",
-                "arguments",
-            },
-        )
-        exchanges.append(
-            ExchangeSpec(
-                name=e.string("name", "", _NAME),
-                type=e.choice("type", "topic", EXCHANGE_TYPES),
-                durable=e.boolean("durable", True),
-                auto_delete=e.boolean("auto_delete", False),
-                internal=e.boolean("internal", False),
-                alternate_exchange=e.string("alternate_exchange", "", _NAME) or None,
-                arguments=_arguments(doc, e.scalars("arguments"), f"{path}.arguments"),
-            )
-        )
-        if not e.has("name"):
-            doc.fail(f"{path}.name", item, "required")
-    queues: list[QueueSpec] = []
-    for path, item in s.sequence("queues"):
-        q = doc.mapping(
-            item,
-            path,
-            {
-                "name",
-                "type",
-                "durable",
-                "dead_letter_exchange",
-                "dead_letter_routing_key",
-                "message_ttl_ms",
-                "max_length",
-                "overflow",
-                "delivery_limit",
-                "arguments",
-            },
-        )
-        queue_type = q.choice("type", "quorum", QUEUE_TYPES)
-        durable = q.boolean("durable", True)
-        if queue_type == "quorum" and not durable:
-            doc.fail(f"{path}.durable", q.items.get("durable"), "quorum queues are always durable")
-        dlx = q.get("dead_letter_exchange", None, str, 'an exchange name ("" is the default)')
-        queues.append(
-            QueueSpec(
-                name=q.string("name", "", _NAME),
-                type=queue_type,
-                durable=durable,
-                dead_letter_exchange=dlx,
-                dead_letter_routing_key=q.get(
-                    "dead_letter_routing_key", None, str, "a routing key"
-                ),
-                message_ttl_ms=_optional_int(q, "message_ttl_ms"),
-                max_length=_optional_int(q, "max_length"),
-                overflow=q.choice("overflow", "", OVERFLOWS) or None,
-                delivery_limit=_optional_int(q, "delivery_limit"),
-                arguments=_arguments(doc, q.scalars("arguments"), f"{path}.arguments"),
-            )
-        )
-        if not q.has("name"):
-            doc.fail(f"{path}.name", item, "required")
-        spec = queues[-1]
-        if spec.delivery_limit is not None and spec.type != "quorum":
-            doc.fail(
-                f"{path}.delivery_limit",
-                q.items.get("delivery_limit"),
-                "only quorum queues have a delivery limit",
-            )
-        if spec.message_ttl_ms is not None and spec.message_ttl_ms >= 2**32:
-            doc.fail(
-                f"{path}.message_ttl_ms", q.items.get("message_ttl_ms"), "at most 4294967295 ms"
-            )
-    bindings: list[BindingSpec] = []
-    for path, item in s.sequence("bindings"):
-        b = doc.mapping(item, path, {"exchange", "queue", "routing_key", "arguments"})
-        bindings.append(
-            BindingSpec(
-                exchange=b.string("exchange", "", _NAME),
-                queue=b.string("queue", "", _NAME),
-                routing_key=b.get("routing_key", "", str, "a binding key"),
-                arguments=_arguments(doc, b.scalars("arguments"), f"{path}.arguments"),
-            )
-        )
-        for key in ("exchange", "queue"):
-            if not b.has(key):
-                doc.fail(f"{path}.{key}", item, "required")
-    passive = s.boolean("passive", False)
-    if not passive:
-        for kind, names in (
-            ("exchanges", [e.name for e in exchanges]),
-            ("queues", [q.name for q in queues]),
-        ):
-            for i, name in enumerate(names):
-                if name.startswith("amq."):
-                    doc.fail(
-                        f"topology.{kind}[{i}].name",
-                        node,
-                        f"{name!r}: amq.* names belong to the broker and cannot be "
-                        "declared (use passive: true to rely on existing ones)",
-                    )
-    topology = Topology(tuple(exchanges), tuple(queues), tuple(bindings), passive)
-    _check_names(doc, topology, node)
-    return topology
-
-
-def _optional_int(section: Any, key: str) -> int | None:
-    value: int | None = section.get(key, None, lambda t: _positive(int(t)), "a whole number >= 0")
-    return value
-
-
-def _positive(value: int) -> int:
-    if value < 0:
-        raise ValueError
-    return value
-
-
-def _check_names(doc: Doc, topology: Topology, node: yaml.Node) -> None:
-    """Bindings and alternate exchanges must name what the topology declares."""
-    exchanges = {e.name for e in topology.exchanges}
-    queues = {q.name for q in topology.queues}
-    for i, binding in enumerate(topology.bindings):
-        if binding.exchange and binding.exchange not in exchanges:
-            doc.fail(
-                f"topology.bindings[{i}].exchange",
-                node,
-                f"exchange {binding.exchange!r} is not in topology.exchanges",
-            )
-        if binding.queue and binding.queue not in queues:
-            doc.fail(
-                f"topology.bindings[{i}].queue",
-                node,
-                f"queue {binding.queue!r} is not in topology.queues",
-            )
-    for i, exchange in enumerate(topology.exchanges):
-        if exchange.alternate_exchange and exchange.alternate_exchange not in exchanges:
-            doc.fail(
-                f"topology.exchanges[{i}].alternate_exchange",
-                node,
-                f"exchange {exchange.alternate_exchange!r} is not in topology.exchanges",
-            )
-
-
 def check_route_exchanges(
-    doc: Doc, routes: tuple[Route, ...], path: str, topology: Topology, unrouted: str
+    doc: Doc, routes: tuple[Route, ...], node: yaml.Node | None, path: str, topology: Topology
 ) -> None:
     """A rule may only publish to an exchange the topology names: publishing to one the broker
-    lacks makes it close the whole connection, failing every publish in flight with it."""
+    lacks makes it close the whole connection, failing every publish in flight with it.
+
+    ``node`` is the YAML list ``routes`` were parsed from, for the lines of the problems; for
+    rules not in the file (the default one) the node they derive from.
+    """
     known = {e.name for e in topology.exchanges}
     for i, route in enumerate(routes):
         for j, target in enumerate(route.targets):
             if target.exchange and target.exchange not in known:
                 doc.fail(
                     f"{path}[{i}].targets[{j}].exchange",
-                    None,
+                    locate(node, i, "targets", j, "exchange") or node,
                     f"exchange {target.exchange!r} is not in topology.exchanges",
                 )

@@ -1,7 +1,8 @@
-"""The outbox on disk: one locked folder of segment files, a cursor and a quarantine file.
+"""The outbox's segment log on disk: one locked folder of segment files and a cursor.
 
-Owns the file format and every durability rule; ``bridge.outbox`` owns what the records mean.
-Blocking I/O throughout: the outbox calls these from a thread.
+Owns the record format and every durability rule for the outbox's files; ``bridge.spool`` calls
+it (from a thread: blocking I/O throughout) and keeps the quarantine file in the same format;
+``bridge.outbox`` owns what the records mean.
 
 In ``outbox.dir``: ``lock`` (held with ``flock`` by the one daemon that owns the folder, taken
 before anything is read), segment files ``segment-<n>.log`` of framed records appended in order,
@@ -15,7 +16,8 @@ body``. A torn tail (a crash in the middle of a write) is cut off at start.
 
 Durability (POSIX): a record counts as written once its file is ``fsync``'ed, and a file once
 its folder entry is: the folder is ``fsync``'ed after a segment, the cursor (written aside and
-renamed) or the quarantine file is created, and the parent after the folder itself is.
+renamed) or the quarantine file is created, and the parent after the folder itself is (the
+README, "Delivery semantics").
 
 A folder deleted while we run (a tmp cleaner, a remounted volume) would take records answered
 200 with it. After every write, :meth:`SegmentLog.intact` checks that the folder and every
@@ -44,7 +46,6 @@ FRAME: Final = struct.Struct(">4sII")
 META_LENGTH: Final = struct.Struct(">I")
 SEGMENT_BYTES: Final = 8 * 1024 * 1024
 LOCK_FILE: Final = "lock"
-QUARANTINE_FILE: Final = "quarantine.log"
 
 
 class OutboxLocked(Exception):
@@ -135,11 +136,13 @@ def make_folder(folder: Path) -> None:
         fsync_folder(path.parent)
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int]:
+def file_identity(stat: os.stat_result) -> tuple[int, int]:
+    """Which file ``stat`` describes: another file at the same path has another identity."""
     return stat.st_dev, stat.st_ino
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (a write may take only part of it); no fsync."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -170,10 +173,10 @@ class SegmentLog:
         make_folder(self.folder)
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
-                if _identity(os.stat(self.folder / LOCK_FILE)) == _identity(
+                if file_identity(os.stat(self.folder / LOCK_FILE)) == file_identity(
                     os.fstat(self._lock_fd)
                 ):
-                    self._folder_id = _identity(os.stat(self.folder))
+                    self._folder_id = file_identity(os.stat(self.folder))
                     return  # still ours
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -190,7 +193,7 @@ class SegmentLog:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         self._lock_fd = fd
-        self._folder_id = _identity(os.stat(self.folder))
+        self._folder_id = file_identity(os.stat(self.folder))
 
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):
@@ -227,7 +230,7 @@ class SegmentLog:
                 if end > start:
                     found.append((number, end, message, end - previous))
                 previous = end
-            self._segment_ids[number] = _identity(os.stat(path))
+            self._segment_ids[number] = file_identity(os.stat(path))
         self.open_segment(max(segments[-1] if segments else -1, cursor_segment) + 1)
         return found
 
@@ -264,7 +267,7 @@ class SegmentLog:
         fd = os.open(self.path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             fsync_folder(self.folder)  # the new file's entry, durably
-            identity = _identity(os.fstat(fd))
+            identity = file_identity(os.fstat(fd))
             size = os.fstat(fd).st_size
         except OSError:
             os.close(fd)
@@ -282,7 +285,7 @@ class SegmentLog:
         start = self.segment_size
         assert self._fd is not None
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError:
             # Leave no half-written frame behind: a frame after it would be cut off at the next
@@ -306,12 +309,12 @@ class SegmentLog:
         """Whether the folder and every segment that may hold records are still ours: the same
         files, linked where we made them (not deleted, not replaced)."""
         try:
-            if _identity(os.stat(self.folder)) != self._folder_id:
+            if file_identity(os.stat(self.folder)) != self._folder_id:
                 return False
             if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
                 return False
             for number, identity in self._segment_ids.items():
-                if _identity(os.stat(self.path(number))) != identity:
+                if file_identity(os.stat(self.path(number))) != identity:
                     return False
         except OSError:
             return False
@@ -337,79 +340,3 @@ class SegmentLog:
                 path.unlink(missing_ok=True)
         for number in [n for n in self._segment_ids if n < segment and n != self.segment]:
             del self._segment_ids[number]
-
-
-class QuarantineFile:
-    """``quarantine.log``: records the broker refuses for what they are, each with its reason,
-    appended durably and never replayed (``events-bridge quarantine`` lists them).
-
-    The file is held open, so that should it be deleted or its folder replaced, what it held is
-    copied from the open descriptor into a new one at the next append."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._fd: int | None = None
-        self._id: tuple[int, int] | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.folder / QUARANTINE_FILE
-
-    def add(self, frames: list[bytes]) -> None:
-        if self._fd is None or not self._intact():
-            self._reopen()
-        assert self._fd is not None
-        size = os.fstat(self._fd).st_size
-        try:
-            _write_all(self._fd, b"".join(frames))
-            os.fsync(self._fd)
-        except OSError:
-            # No half-written frame left behind: it would hide every record after it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, size)
-            raise
-
-    def keep(self) -> None:
-        """If the file was deleted or replaced, write what it held into a new one now."""
-        if self._fd is not None and not self._intact():
-            self._reopen()
-
-    def _intact(self) -> bool:
-        try:
-            return _identity(os.stat(self.path)) == self._id
-        except OSError:
-            return False
-
-    def _reopen(self) -> None:
-        kept = b""
-        if self._fd is not None:  # deleted under us: what it held is still readable here
-            kept = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
-            os.close(self._fd)
-            self._fd = None
-        make_folder(self.folder)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        if not kept:  # the first open: a torn tail (a crash mid-write) would hide what follows
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
-            valid = decode_with_meta(data)[1]
-            if valid < len(data):
-                os.ftruncate(fd, valid)
-                os.fsync(fd)
-        if kept:
-            _write_all(fd, kept)
-            os.fsync(fd)
-        fsync_folder(self.folder)
-        self._fd, self._id = fd, _identity(os.fstat(fd))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def read_quarantine(folder: Path) -> list[tuple[Outbound, dict[str, Any]]]:
-    """The quarantined records in ``folder`` with their meta (reason, quarantined_at)."""
-    try:
-        data = (folder / QUARANTINE_FILE).read_bytes()
-    except FileNotFoundError:
-        return []
-    return [(message, meta) for _, message, meta in decode_with_meta(data)[0]]

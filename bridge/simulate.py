@@ -1,13 +1,14 @@
 """Act as Adobe I/O Events: development keys, the challenge, signed deliveries, retries.
 
 Owns: ``events-bridge keys generate`` (an RSA-2048 pair named as Adobe names its keys) and
-``events-bridge simulate``. The simulator speaks as Adobe does (ADOBE-EVENTS.md): the challenge
-``GET <url>?challenge=<uuid>`` first; then each delivery as a ``POST`` signed with RSA-SHA256 over
-the exact body bytes, both signature headers and both key-path headers, ``user-agent: Adobe/1.0``,
-a fresh ``x-adobe-delivery-id`` per attempt, ``x-adobe-event-id``/``-code`` on single deliveries,
-``x-adobe-retry-count`` on retries and a W3C ``traceparent``. With ``--batch N`` events travel as
-JSON arrays of up to N. With ``--retry`` it retries 429 and 5xx (but 505), and no answer within
-10 s, on Adobe's schedule (1, 2, 4, 8, 15, 15, … minutes for 24 h), scaled by ``--time-scale``.
+``events-bridge simulate``. The simulator speaks as Adobe does (the README, "Verification"): the
+challenge ``GET <url>?challenge=<uuid>`` first; then each delivery as a ``POST`` signed with
+RSA-SHA256 over the exact body bytes, both signature headers and both key-path headers,
+``user-agent: Adobe/1.0``, a fresh ``x-adobe-delivery-id`` per attempt,
+``x-adobe-event-id``/``-code`` on single deliveries, ``x-adobe-retry-count`` on retries and a W3C
+``traceparent``. With ``--batch N`` events travel as JSON arrays of up to N. With ``--retry`` it
+retries 429 and 5xx (but 505), and no answer within 10 s, on Adobe's schedule (1, 2, 4, 8, 15, 15, …
+minutes for 24 h), scaled by ``--time-scale``.
 
 Does not: run inside the daemon; nothing here is imported by ``serve``.
 """

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -82,56 +83,16 @@ def supervise(config_path: str, count: int) -> int:
     stopping: list[str] = []
     workers: list[subprocess.Popen[bytes]] = []
     signalled: set[int] = set()
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.send_signal(signal.SIGHUP)
-            return
-        if not stopping:
-            stopping.append(signal.Signals(signum).name)
-            _stop(workers, signalled)
-
+    forward = _forwarder(workers, stopping, signalled)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     try:
         for index in range(count):
             if stopping:  # a signal came while starting: start no more
                 break
-            workers.append(
-                subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                    [
-                        sys.executable,
-                        "-m",
-                        "bridge",
-                        "serve",
-                        "--config",
-                        config_path,
-                        "--worker",
-                        f"{index}/{count}",
-                    ],
-                    env=env,
-                )
-            )
+            workers.append(_spawn(config_path, index, count, env))
         log.info("workers_started", workers=count, pids=[w.pid for w in workers])
-        code = 0
-        while any(w.poll() is None for w in workers):
-            if stopping:
-                _stop(workers, signalled)  # again: a worker started after the signal gets it too
-            else:
-                gone = next((w for w in workers if w.poll() is not None), None)
-                if gone is not None:
-                    code = gone.returncode if gone.returncode > 0 else 1
-                    log.error(
-                        "worker_exited",
-                        pid=gone.pid,
-                        exit_code=gone.returncode,
-                        action="stopping the other workers",
-                    )
-                    stopping.append("worker_exited")
-                    _stop(workers, signalled)
-            time.sleep(POLL_SECONDS)
+        code = _mind(workers, stopping, signalled)
         # A worker stopped by our SIGTERM before it could handle it stopped cleanly too.
         failed = [w.returncode for w in workers if w.returncode not in (0, -signal.SIGTERM)]
         if code == 0 and failed:
@@ -143,6 +104,66 @@ def supervise(config_path: str, count: int) -> int:
         for worker in workers:
             worker.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _forwarder(
+    workers: list[subprocess.Popen[bytes]], stopping: list[str], signalled: set[int]
+) -> Callable[[int, FrameType | None], None]:
+    """The parent's signal handler: SIGHUP passed on to every running worker; the first SIGTERM
+    or SIGINT recorded in ``stopping`` and passed on."""
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGHUP)
+            return
+        if not stopping:
+            stopping.append(signal.Signals(signum).name)
+            _stop(workers, signalled)
+
+    return forward
+
+
+def _spawn(
+    config_path: str, index: int, count: int, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "serve",
+            "--config",
+            config_path,
+            "--worker",
+            f"{index}/{count}",
+        ],
+        env=env,
+    )
+
+
+def _mind(workers: list[subprocess.Popen[bytes]], stopping: list[str], signalled: set[int]) -> int:
+    """Wait until every worker has exited; stop them all when asked to (``stopping``) or when
+    one exits on its own, whose exit code (1 for a signal) is returned; else 0."""
+    code = 0
+    while any(w.poll() is None for w in workers):
+        if stopping:
+            _stop(workers, signalled)  # again: a worker started after the signal gets it too
+        else:
+            gone = next((w for w in workers if w.poll() is not None), None)
+            if gone is not None:
+                code = gone.returncode if gone.returncode > 0 else 1
+                log.error(
+                    "worker_exited",
+                    pid=gone.pid,
+                    exit_code=gone.returncode,
+                    action="stopping the other workers",
+                )
+                stopping.append("worker_exited")
+                _stop(workers, signalled)
+        time.sleep(POLL_SECONDS)
+    return code
 
 
 def _stop(workers: list[subprocess.Popen[bytes]], signalled: set[int]) -> None:

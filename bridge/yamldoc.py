@@ -2,7 +2,9 @@
 
 Owns: walking a composed YAML tree, replacing ``${VAR}``/``${VAR:-default}`` inside scalar
 values, and typed getters that record a problem (``path: message (file:line)``) instead of
-raising, so one run reports every problem. Does not: know any of events-bridge's settings.
+raising, so one run reports every problem; :func:`locate` finds the node (and so the line) a
+problem found later, by comparing parsed values, is about. Does not: know any of events-bridge's
+settings.
 """
 
 from __future__ import annotations
@@ -16,6 +18,27 @@ import yaml
 T = TypeVar("T")
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def locate(node: yaml.Node | None, *steps: str | int) -> yaml.Node | None:
+    """The node ``steps`` below ``node`` (mapping keys, list indexes), or None when absent.
+
+    For problems found by comparing values already parsed, so they can name their line too. A
+    duplicate key resolves to its first occurrence, the one :meth:`Doc.mapping` keeps.
+    """
+    for step in steps:
+        if isinstance(step, int):
+            if not isinstance(node, yaml.SequenceNode) or not 0 <= step < len(node.value):
+                return None
+            node = node.value[step]
+        elif isinstance(node, yaml.MappingNode):
+            node = next(
+                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == step),
+                None,
+            )
+        else:
+            return None
+    return node
 
 
 class Doc:

@@ -23,7 +23,8 @@ from bridge.config import (
 )
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
-from bridge.rules import default_routes, default_topology
+from bridge.rules import default_routes
+from bridge.topology import default_topology
 
 SAMPLES = Path(__file__).parent / "data" / "adobe-samples"
 EVENTS = SAMPLES / "events"

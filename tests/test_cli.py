@@ -42,6 +42,37 @@ def test_every_command_has_help() -> None:
         assert "usage: events-bridge" in result.stdout
 
 
+def quick_start(help_text: str) -> list[str]:
+    """The commands of a help text's quick start, each continued line joined to its first."""
+    block = help_text[help_text.index("quick start") :].split("\n\n", maxsplit=1)[0]
+    commands: list[str] = []
+    for line in block.splitlines()[1:]:
+        if line.startswith("      "):  # a continued line: the one before must end in a backslash
+            assert commands[-1].endswith(" \\"), commands[-1]
+            commands[-1] = commands[-1].removesuffix("\\") + line.strip()
+        else:
+            commands.append(line.split("#")[0].strip())
+    return [" ".join(command.split()) for command in commands]
+
+
+@pytest.mark.parametrize("command", [[], ["serve"]])
+def test_the_quick_start_is_the_readmes(command: list[str]) -> None:
+    """`--help` and `serve --help` show README's quick start, naming only files of the
+    repository or what `make run` generates (.local/keys)."""
+    result = cli(*command, "--help")
+    assert result.returncode == 0
+    commands = quick_start(result.stdout)
+    assert commands[0] == "make run"
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    for line in commands[1:]:
+        assert line in readme, line
+    words = " ".join(commands).split()
+    files = [word for word in words if word.startswith(("tests/", "config/", ".local/"))]
+    assert files
+    for name in files:
+        assert name.startswith(".local/keys/") or (ROOT / name).is_file(), name
+
+
 def test_check_config_accepts_the_shipped_file() -> None:
     result = cli("check-config", env={"BRIDGE_CLIENT_IDS": "a,b"})
     assert result.returncode == 0
@@ -352,7 +383,7 @@ def test_declare_without_a_broker_is_one_line() -> None:
 def test_serving_moves_start_up_objects_out_of_the_collectors_sight() -> None:
     # In a process of its own: collecting and freezing the test process's objects would not do.
     probe = (
-        "import gc; from bridge.cli import GC_THRESHOLD, _tune_gc; _tune_gc(); "
+        "import gc; from bridge.cli.daemon import GC_THRESHOLD, tune_gc; tune_gc(); "
         "assert gc.get_threshold()[0] == GC_THRESHOLD, gc.get_threshold(); "
         "assert gc.get_freeze_count() > 0"
     )

@@ -181,6 +181,132 @@ def test_each_problem_names_its_path_and_line(text: str, expected: str) -> None:
     assert any(p.startswith(expected) for p in found), found
 
 
+TOPOLOGY = "topology:\n  exchanges:\n    - {name: adobe.events}\n    - {name: adobe.unrouted}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "server:\n  answer_deadline: 4\n  body_timeout: 4\n" + MINIMAL,
+            "server.body_timeout: must be below server.answer_deadline, so a late body still "
+            "gets its 503 in time (t.yaml:3)",
+        ),
+        (  # body_timeout left at its default: the line of the deadline that undercuts it
+            "server:\n  answer_deadline: 4\n" + MINIMAL,
+            "server.body_timeout: must be below server.answer_deadline, so a late body still "
+            "gets its 503 in time (t.yaml:2)",
+        ),
+        (
+            "server:\n  shutdown_timeout: 2\n" + MINIMAL,
+            "server.shutdown_timeout: must be at least server.answer_deadline, so requests in "
+            "flight are answered (t.yaml:2)",
+        ),
+        (
+            "broker:\n  exchange: adobe.unrouted\n" + MINIMAL,
+            "broker.unrouted_exchange: must differ from broker.exchange (t.yaml:2)",
+        ),
+        (
+            "server:\n  answer_deadline: 6\nbroker:\n  publish_timeout: 5.5\n" + MINIMAL,
+            "broker.publish_timeout: must be at least 1 s below server.answer_deadline (6), so an "
+            "event the broker does not confirm still has time to reach the outbox (t.yaml:4)",
+        ),
+        (  # publish_timeout left at its default: the line of the deadline
+            "server:\n  answer_deadline: 5.5\nbroker:\n  heartbeat: 5\n" + MINIMAL,
+            "broker.publish_timeout: must be at least 1 s below server.answer_deadline (5.5), so "
+            "an event the broker does not confirm still has time to reach the outbox (t.yaml:2)",
+        ),
+        (
+            "broker:\n  unrouted_exchange: parked\n" + TOPOLOGY + MINIMAL,
+            "broker.unrouted_exchange: exchange 'parked' (where events no rule takes go) is not "
+            "in topology.exchanges (t.yaml:2)",
+        ),
+        (  # unrouted_exchange left at its default: the line of the list that lacks it
+            "topology:\n  exchanges:\n    - {name: adobe.events}\n" + MINIMAL,
+            "broker.unrouted_exchange: exchange 'adobe.unrouted' (where events no rule takes go) "
+            "is not in topology.exchanges (t.yaml:3)",
+        ),
+        (
+            "routes:\n  - name: a\n    targets:\n      - exchange: adobe.events\n"
+            "      - exchange: nowhere\n" + MINIMAL,
+            "routes[0].targets[1].exchange: exchange 'nowhere' is not in topology.exchanges "
+            "(t.yaml:5)",
+        ),
+        (
+            "registrations:\n  - name: a\n    client_ids: [x]\n    routes:\n"
+            "      - targets: [{exchange: nowhere}]\n",
+            "registrations[0].routes[0].targets[0].exchange: exchange 'nowhere' is not in "
+            "topology.exchanges (t.yaml:5)",
+        ),
+        (  # the default rule, which publishes to broker.exchange
+            "broker:\n  exchange: events\ntopology:\n  exchanges:\n"
+            "    - {name: adobe.unrouted, type: fanout}\n" + MINIMAL,
+            "routes[0].targets[0].exchange: exchange 'events' is not in topology.exchanges "
+            "(t.yaml:2)",
+        ),
+        (
+            TOPOLOGY + "  queues: [{name: q}]\n  bindings:\n"
+            "    - {exchange: adobe.events, queue: q}\n    - {exchange: other, queue: q}\n"
+            + MINIMAL,
+            "topology.bindings[1].exchange: exchange 'other' is not in topology.exchanges "
+            "(t.yaml:8)",
+        ),
+        (
+            TOPOLOGY + "  queues: [{name: q}]\n  bindings:\n"
+            "    - exchange: adobe.events\n      queue: nope\n" + MINIMAL,
+            "topology.bindings[0].queue: queue 'nope' is not in topology.queues (t.yaml:8)",
+        ),
+        (
+            TOPOLOGY + "    - name: more\n      alternate_exchange: gone\n" + MINIMAL,
+            "topology.exchanges[2].alternate_exchange: exchange 'gone' is not in "
+            "topology.exchanges (t.yaml:6)",
+        ),
+        (
+            TOPOLOGY + "  queues:\n    - {name: q}\n    - {name: amq.q}\n" + MINIMAL,
+            "topology.queues[1].name: 'amq.q': amq.* names belong to the broker and cannot be "
+            "declared (use passive: true to rely on existing ones) (t.yaml:7)",
+        ),
+        (
+            TOPOLOGY + "  queues:\n    - name: q\n      durable: false\n" + MINIMAL,
+            "topology.queues[0].durable: quorum queues are always durable (t.yaml:7)",
+        ),
+        (
+            TOPOLOGY
+            + "  queues:\n    - name: q\n      type: classic\n      delivery_limit: 3\n"
+            + MINIMAL,
+            "topology.queues[0].delivery_limit: only quorum queues have a delivery limit "
+            "(t.yaml:8)",
+        ),
+        (
+            TOPOLOGY
+            + "  queues:\n    - name: q\n      arguments:\n        x-max-length: 1.5\n"
+            + MINIMAL,
+            "topology.queues[0].arguments.x-max-length: expected a string, true/false or a whole "
+            "number, got 1.5 (t.yaml:8)",
+        ),
+        (
+            "routes:\n  - name: a\n    action: drop\n    targets: [{exchange: adobe.events}]\n"
+            + MINIMAL,
+            "routes[0].targets: a drop rule has no targets (t.yaml:4)",
+        ),
+        (
+            "registrations:\n  - {name: a, path: /x, client_ids: [x]}\n"
+            "  - name: b\n    path: /x\n    client_ids: [y]\n",
+            "registrations[1].path: duplicate '/x' (t.yaml:4)",
+        ),
+        (
+            "registrations:\n  - {name: a, client_ids: [x]}\n  - {name: b, client_ids: [y]}\n",
+            "registrations[1].path: duplicate '/webhook' (t.yaml:3)",
+        ),
+    ],
+)
+def test_problems_found_by_comparing_fields_name_the_offending_line(
+    text: str, expected: str
+) -> None:
+    found = problems(text)
+    assert expected in found, found
+
+
 def test_every_problem_is_reported_at_once() -> None:
     found = problems("server:\n  port: x\n  host: ''\nlogging:\n  level: loud\n" + MINIMAL)
     assert len(found) == 3
@@ -210,7 +336,8 @@ def test_file_root_key_base_url_stays_a_file_url() -> None:
 
 
 def test_shipped_routes_and_topology_keep_the_spec_default() -> None:
-    from bridge.rules import default_routes, default_topology
+    from bridge.rules import default_routes
+    from bridge.topology import default_topology
 
     config = load_config(SHIPPED, ENV)
     assert config.routes == default_routes("adobe.events")

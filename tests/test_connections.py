@@ -1,5 +1,5 @@
 """The connection guard's pure parts: the bound and the descriptor alarm (the daemon's
-connections under floods are in test_hostile.py)."""
+connections under floods are in test_serve_hostile.py)."""
 
 from __future__ import annotations
 

@@ -10,14 +10,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from bridge.adobe.envelope import (
-    _VALUES,
-    _batch_elements,
-    _compact_elements,
-    _scan_array,
-    parse_delivery,
-    split_array,
-)
+from bridge.adobe.batch import _VALUES, _compact_elements, _scan_array, batch_elements, split_array
+from bridge.adobe.envelope import parse_delivery
 from bridge.errors import BadRequest, PayloadTooLarge
 from tests.helpers import EVENTS, SAMPLES
 
@@ -224,7 +218,7 @@ def test_a_batch_is_parsed_and_cut_in_one_pass_like_the_careful_path(
     items: list[object], gap: str
 ) -> None:
     raw = ("[" + gap + ("," + gap).join(json.dumps(i) for i in items) + gap + "]").encode()
-    assert _batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
+    assert batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
 
 
 json_values_with_floats = st.recursive(
@@ -253,7 +247,7 @@ def test_a_compact_batch_takes_the_orjson_path_and_agrees_with_the_scanner(
 def test_floats_orjson_writes_as_received_are_cut_and_read_alike(number: bytes) -> None:
     raw = b'[{"n":' + number + b"}]"
     expected = list(zip(split_array(raw), json.loads(raw), strict=True))
-    assert _batch_elements(raw) == expected
+    assert batch_elements(raw) == expected
     compact = _compact_elements(raw)
     assert compact is None or compact == expected
 
@@ -273,7 +267,7 @@ def test_floats_orjson_writes_as_received_are_cut_and_read_alike(number: bytes) 
 )
 def test_a_batch_orjson_would_write_otherwise_is_cut_by_the_scanner(raw: bytes) -> None:
     assert _compact_elements(raw) is None
-    assert _batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
+    assert batch_elements(raw) == list(zip(split_array(raw), json.loads(raw), strict=True))
 
 
 def _fits_64_bits(value: object) -> bool:
@@ -290,7 +284,7 @@ def _fits_64_bits(value: object) -> bool:
     "raw", [b"[NaN]", b"[1] x", b"x[1]", b"[1,]", b"\xef\xbb\xbf[1]", b"[" + b"9" * 5000 + b"]"]
 )
 def test_what_the_one_pass_does_not_take_goes_the_careful_way(raw: bytes) -> None:
-    assert _batch_elements(raw) is None
+    assert batch_elements(raw) is None
 
 
 # SPEC §4: the top-level recipientclientid, else the top-level recipient_client_id (the two

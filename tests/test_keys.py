@@ -86,8 +86,16 @@ async def test_known_paths_outlive_a_restart(
     assert (tmp_path / "known-key-paths").read_text() == KEY_PATH + "\n"
     now = [0.0]
     again = KeyStore(config, clock=lambda: now[0], known_file=tmp_path / "known-key-paths")
-    again._tokens = 0.0  # a flood right after the restart has spent every token
-    await again.get(KEY_PATH)  # known: no token needed
+    # A flood of made-up paths right after the restart spends every token.
+    flood = [
+        asyncio.create_task(again.get(f"/prod/keys/pub-key-flood-{n}.pem"))
+        for n in range(int(UNKNOWN_BURST))
+    ]
+    await asyncio.sleep(0)
     with pytest.raises(KeyHostUnavailable):
         await again.get("/prod/keys/pub-key-never-seen.pem")
+    await again.get(KEY_PATH)  # known: no token needed
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
     await again.close()

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
 
 from bridge.app import create_app
 from bridge.config import Config, Registration
@@ -309,6 +310,23 @@ async def test_broker_down_gives_503_with_retry_after(bridge: Bridge) -> None:
     assert int(response.headers["Retry-After"]) > 0
 
 
+async def test_a_bug_on_the_road_is_a_500_with_its_traceback_not_a_retryable_503(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(messages: Sequence[Outbound], deadline: float | None = None) -> None:
+        raise RuntimeError("a bug, not the broker")
+
+    monkeypatch.setattr(bridge.publisher, "publish", broken)
+    with capture_logs() as logs:
+        response = await bridge.post(event_body())
+    assert response.status == 500
+    assert "Retry-After" not in response.headers
+    assert (await response.json())["error"] == "internal_error"
+    (crash,) = [e for e in logs if e["event"] == "request_crashed"]
+    assert crash["log_level"] == "error"
+    assert crash.get("exc_info") is True
+
+
 async def test_readiness_follows_the_publisher(bridge: Bridge) -> None:
     assert (await bridge.client.get("/healthz")).status == 200
     assert (await bridge.client.get("/readyz")).status == 200
@@ -556,7 +574,7 @@ async def test_reload_swaps_rules_for_the_next_requests(
 
 
 # (The daemon reads bodies undecoded; aiohttp's test server decodes gzip and deflate itself and
-# refuses encodings it has no codec for at parse time: tests/test_hostile.py has those.)
+# refuses encodings it has no codec for at parse time: tests/test_serve_hostile.py has those.)
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP", "identity, gzip"])
 async def test_an_encoded_body_is_refused_as_it_is_not_what_was_signed(
     bridge: Bridge, encoding: str

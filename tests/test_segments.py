@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 
 from bridge.message import Outbound
-from bridge.segments import (
-    OutboxLocked,
-    QuarantineFile,
-    SegmentLog,
-    decode,
-    encode,
-    read_quarantine,
-)
+from bridge.segments import OutboxLocked, SegmentLog, decode, encode
+from bridge.spool import QuarantineFile, read_quarantine
 
 
 def message(n: int) -> Outbound:

@@ -22,7 +22,9 @@ from bridge.workers import WorkerSpec, stranded_outbox_dirs
 from tests.helpers import CLIENT_ID, EVENTS, FakePublisher, SigningKey, key_folder
 from tests.processes import Daemon, free_port
 from tests.test_cli import isolated_config
-from tests.test_durability import post  # one request per connection: the kernel picks a worker
+
+# post: one request per connection, so the kernel picks a worker
+from tests.test_outbox_durability import post
 
 LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
 

@@ -1,9 +1,9 @@
 """Fold an Imaging job-status body (Lightroom, Photoshop, Sensei) into one status word.
 
-Rule (SPEC §5): a top-level ``status`` wins; else over ``outputs[].status``: ``failed`` if any
-output failed, ``succeeded`` if all succeeded, ``running`` if any is running, starting or
-uploading, else ``pending``. The word is lower-cased and every character outside ``[a-z0-9_-]``
-becomes ``_``, so it is always safe inside a routing key.
+Rule (the README, "What is published"): a top-level ``status`` wins; else over ``outputs[].status``:
+``failed`` if any output failed, ``succeeded`` if all succeeded, ``running`` if any is running,
+starting or uploading, else ``pending``. The word is lower-cased and every character outside
+``[a-z0-9_-]`` becomes ``_``, so it is always safe inside a routing key.
 
 Owns: that rule and where the job id lives (``jobId``, or ``jobID`` in older Photoshop and
 Sensei bodies). Does not: decide which events are job-status events; any body that has a status

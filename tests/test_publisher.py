@@ -13,6 +13,7 @@ from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aiormq
 import orjson
 import pytest
 from aiohttp import web
@@ -496,10 +497,27 @@ async def test_outbox_keeps_events_through_an_outage_and_replays_them(
 
 async def test_a_reload_is_refused_while_the_broker_is_away() -> None:
     from bridge.declare import TopologyMissing
-    from bridge.rules import default_topology
+    from bridge.topology import default_topology
 
     config = make_config(amqp_url="amqp://guest:guest@127.0.0.1:1/")
     publisher = AmqpPublisher(config.broker, config.topology)
     await publisher.apply_topology(config.topology)  # unchanged: nothing to do
     with pytest.raises(TopologyMissing, match="not connected"):
         await publisher.apply_topology(default_topology("x", "y", "z"))
+
+
+async def test_only_the_broker_and_the_link_are_broker_errors() -> None:
+    from bridge.link import broker_error
+
+    assert broker_error(ConnectionResetError(104, "reset"))
+    assert broker_error(aiormq.exceptions.ChannelClosed(None, "closed"))
+    assert broker_error(StopAsyncIteration())
+    # aio-pika's own RuntimeError about a connection that is not open
+    with pytest.raises(RuntimeError) as theirs:
+        await aio_pika.Connection(URL("amqp://guest:guest@127.0.0.1:1/")).channel()
+    assert broker_error(theirs.value)
+    with pytest.raises(RuntimeError) as ours:
+        raise RuntimeError("a bug of ours")
+    assert not broker_error(ours.value)
+    assert not broker_error(AttributeError("'Channel' object has no attribute 'x'"))
+    assert not broker_error(KeyError("x"))

@@ -840,7 +840,7 @@ async def test_a_record_the_broker_refuses_alone_twice_is_quarantined(
             while (m := await queue.get(fail=False, no_ack=True)) is not None:
                 got.add(m.message_id)  # those in flight with the refused one may come twice
         assert got == {f"m{n}" for n in range(20) if n != 7}
-        from bridge.segments import read_quarantine
+        from bridge.spool import read_quarantine
 
         ((kept, meta),) = read_quarantine(tmp_path / "outbox")
         assert kept.message_id == "m7"

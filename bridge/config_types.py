@@ -1,0 +1,124 @@
+"""The configuration's frozen dataclasses and their defaults: what ``bridge.config`` parses into.
+
+Owns: one dataclass per section of the YAML file (see the README, "Configuration", for every key
+and its default) and :class:`Config`, which holds them all with the topology and the routes.
+Does not: read YAML or the environment (``bridge.config`` does, and re-exports these types, so
+``from bridge.config import Config`` is the way in). Pure data: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bridge.rules import Route, default_routes
+from bridge.topology import Topology, default_topology
+
+MAX_KEY_CACHE_SECONDS = 24 * 3600  # Adobe: cache a public key for not more than 24 h
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_batch_events: int = 1000  # Adobe sends at most 20; more is refused before any work
+    max_in_flight: int = 256  # verified webhook requests at once; more get 429
+    max_connections: int = 1024  # open connections; at the bound, idle ones are shed first
+    # Adobe gives up after 10 s including connection set-up; we answer within this.
+    answer_deadline: float = 7.5
+    body_timeout: float = 5.0  # the body must arrive within this once the headers have
+    header_timeout: float = 5.0  # a request's headers must arrive within this
+    idle_timeout: float = 15.0  # a connection with no request in progress is closed after this
+    shutdown_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    heartbeat: int = 10
+    connect_timeout: float = 5.0
+    publish_timeout: float = 5.0
+    reconnect_max_delay: float = 5.0
+    # Bodies over this the broker refuses (its max_message_size); 0: learn it from the broker.
+    max_message_bytes: int = 0
+    exchange: str = "adobe.events"
+    unrouted_exchange: str = "adobe.unrouted"
+    unrouted_queue: str = "adobe.unrouted"
+
+
+_DEFAULT_BROKER = BrokerConfig()
+_DEFAULT_TOPOLOGY = default_topology(
+    _DEFAULT_BROKER.exchange, _DEFAULT_BROKER.unrouted_exchange, _DEFAULT_BROKER.unrouted_queue
+)
+_DEFAULT_ROUTES = default_routes(_DEFAULT_BROKER.exchange)
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    enabled: bool = True
+    key_base_url: str = "https://static.adobeioevents.com"
+    key_cache_seconds: float = float(MAX_KEY_CACHE_SECONDS)
+    key_fetch_timeout: float = 3.0
+    key_max_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    path: str
+    client_ids: tuple[str, ...]
+    ims_orgs: tuple[str, ...] = ()  # empty: any org
+    routes: tuple[Route, ...] | None = None  # None: the shared top-level routes
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    dir: str = ".local/outbox"
+    # off: a broker that cannot take an event gives a 503; fallback: the event is written here
+    # and answered 200; always: every event is written here first (write-ahead).
+    mode: str = "fallback"
+    max_bytes: int = 256 * 1024 * 1024
+    drain_seconds: float = 10.0  # on SIGTERM, time for the replayer to empty the outbox
+    # A backlog the connected broker takes nothing of for this long: /readyz says not ready.
+    stall_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """An event id confirmed within the window is not published again."""
+
+    enabled: bool = True
+    seconds: float = 600.0
+    size: int = 100_000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Label values that signed input chooses are bounded: the first N keep their own series."""
+
+    max_event_codes: int = 100
+    max_job_statuses: int = 20
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "auto"  # json, console, or auto (console on a terminal)
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    registrations: tuple[Registration, ...] = ()
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    topology: Topology = field(default_factory=lambda: _DEFAULT_TOPOLOGY)
+    routes: tuple[Route, ...] = field(default_factory=lambda: _DEFAULT_ROUTES)
+    source: str = "<config>"
+
+    def routes_for(self, registration: Registration) -> tuple[Route, ...]:
+        return self.routes if registration.routes is None else registration.routes

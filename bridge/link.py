@@ -1,0 +1,276 @@
+"""The broker link: one connection and publish channel, kept by a supervisor.
+
+Part of the deliver step, under ``bridge.publisher`` (which publishes on it). The supervisor
+task (re)connects with backoff, declares the topology on every connect (``bridge.declare``), and
+notices a lost connection or channel. aio-pika's defaults are unsafe for us, so each is set on
+purpose (the README, "Delivery semantics"):
+
+- no robust connection: its publish waits for a reconnect without bound. While the supervisor
+  reconnects, a publish fails at once (a fast 503); when the channel or connection closes, every
+  unconfirmed publish fails at once;
+- ``publisher_confirms=True, on_return_raises=True`` on the publish channel;
+- the first connect does not fail fast and kill the daemon: the supervisor keeps trying, and
+  ``ready`` (``/readyz``) is False meanwhile. A failure that is the broker's or the network's is
+  one warning line (``broker_connect_failed``); anything else is a bug, logged with its
+  traceback (``broker_connect_crashed``), and retried the same.
+
+Does not: publish (``bridge.publisher``) or write frames (``bridge.channel``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from typing import Any, Final
+
+import aio_pika
+import aio_pika.abc
+import aiormq
+import structlog
+from yarl import URL
+
+from bridge import metrics
+from bridge.channel import PublishChannel, open_channel
+from bridge.config import BrokerConfig
+from bridge.declare import TopologyMissing, check_topology, declare_topology
+from bridge.topology import Topology
+
+log = structlog.get_logger("bridge.publisher")
+
+FIRST_RETRY_DELAY = 0.2
+CLOSE_TIMEOUT = 2.0
+# RabbitMQ's words when a message is over its max_message_size (rabbit_channel:check_msg_size).
+_MAX_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+# What the broker or the network may raise: a 503, and the connection is made again. Anything
+# else is a bug (a 500 with its traceback), not a reason to retry: see broker_error().
+BROKER_ERRORS: Final = (
+    aiormq.exceptions.AMQPError,
+    OSError,
+    EOFError,
+    StopAsyncIteration,  # aiormq's word for a connection closed while it read a frame
+    TopologyMissing,
+)
+_CLIENT_MODULES: Final = ("aiormq", "aio_pika", "pamqp")
+
+
+def broker_url(config: BrokerConfig) -> str:
+    """The configured URL with our heartbeat, unless the URL sets its own."""
+    url = URL(config.url)
+    if "heartbeat" not in url.query:
+        url = url.update_query(heartbeat=config.heartbeat)
+    return str(url)
+
+
+def redacted(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+class BrokerLink:
+    """One supervised connection and publish channel; see the module docstring."""
+
+    def __init__(
+        self, config: BrokerConfig, topology: Topology, connection_name: str = "events-bridge"
+    ) -> None:
+        self._config = config
+        self._topology = topology
+        self._checked_once = False
+        # Set when the topology is passive and missing at start-up: `serve` stops on it.
+        self.fatal: asyncio.Future[str] | None = None
+        self._url = broker_url(config)
+        self._name = connection_name
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._wire: PublishChannel | None = None  # how publishes reach the broker
+        self._lost = asyncio.Event()
+        self._became_ready = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[Any]] = set()
+        # Bodies larger than this the broker refuses (its max_message_size): configured, or
+        # learned from the broker's own refusal. 0: not known.
+        self.max_message_bytes = config.max_message_bytes
+
+    @property
+    def ready(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    @property
+    def path(self) -> str | None:
+        """The path publishes take (``bridge.channel``): fast, portable, or None unconnected."""
+        return None if self._wire is None else self._wire.path
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        self.fatal = asyncio.get_running_loop().create_future()
+        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+
+    async def wait_ready(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self.ready:
+                    self._became_ready.clear()
+                    await self._became_ready.wait()
+        return self.ready
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection cleanly (a Connection.Close, not a reset)."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._drop()
+        if self._closing:  # closes still under way: let them end before the loop goes away
+            await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT)
+
+    async def apply_topology(self, topology: Topology) -> None:
+        """Adopt a new topology (config reload): declare it now on a channel of its own, so a
+        failure leaves the publish channel untouched, and on every reconnect from then on."""
+        if topology == self._topology:
+            return
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            # Adopting it unchecked could leave a topology that never declares, and 503s forever.
+            raise TopologyMissing(
+                "the broker is not connected, so the new topology cannot be declared: "
+                "send SIGHUP again once it is back"
+            )
+        if connection is not None:
+            channel = await connection.channel()
+            try:
+                if topology.passive:
+                    missing = await check_topology(connection, topology)
+                    if missing:
+                        raise TopologyMissing(", ".join(missing) + " missing on the broker")
+                else:
+                    await declare_topology(channel, topology)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        self._topology = topology
+
+    async def _supervise(self) -> None:
+        delay = FIRST_RETRY_DELAY
+        while True:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.BROKER_CONNECTS.labels("failed").inc()
+                if broker_error(exc):
+                    log.warning(
+                        "broker_connect_failed",
+                        url=redacted(self._url),
+                        error=describe(exc),
+                        retry_in=round(delay, 1),
+                    )
+                else:  # a bug: its traceback, then the same retries
+                    log.exception("broker_connect_crashed", retry_in=round(delay, 1))
+                await self._drop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.reconnect_max_delay)
+                continue
+            delay = FIRST_RETRY_DELAY
+            await self._lost.wait()
+            log.warning("broker_connection_lost", url=redacted(self._url))
+            await self._drop()
+
+    async def _connect(self) -> None:
+        self._lost.clear()
+        connection = await aio_pika.connect(
+            self._url,
+            timeout=self._config.connect_timeout,
+            client_properties={"connection_name": self._name},
+        )
+        self._connection = connection
+        connection.close_callbacks.add(self._on_close)
+        async with asyncio.timeout(self._config.connect_timeout * 2):
+            if self._topology.passive:
+                missing = await check_topology(connection, self._topology)
+                if missing:
+                    message = ", ".join(missing) + " missing on the broker (topology.passive)"
+                    if not self._checked_once and self.fatal and not self.fatal.done():
+                        self.fatal.set_result(message)
+                    raise TopologyMissing(message)
+            self._checked_once = True
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel.close_callbacks.add(self._on_close)
+            if not self._topology.passive:
+                await declare_topology(channel, self._topology)
+            self._wire = open_channel(await channel.get_underlay_channel())
+        self._channel = channel
+        metrics.BROKER_CONNECTS.labels("connected").inc()
+        metrics.BROKER_READY.set(1)
+        self._became_ready.set()
+        log.info("broker_connected", url=redacted(self._url))
+
+    def _on_close(self, sender: Any, exc: BaseException | None = None) -> None:
+        if sender is not self._channel and sender is not self._connection:
+            return  # late news of a connection already dropped: not about the current one
+        self._learn(exc)
+        metrics.BROKER_READY.set(0)
+        if self._wire is not None:  # it will confirm nothing more: fail its publishes now
+            self._wire.fail_unconfirmed(exc)
+        self._lost.set()
+
+    def _learn(self, exc: BaseException | None) -> None:
+        """A broker that closed the channel for a message over its ``max_message_size`` says the
+        size: from now on such messages are refused before they are sent (and close nothing)."""
+        found = _MAX_SIZE.search(str(exc)) if exc is not None else None
+        if found is not None and int(found.group(2)) != self.max_message_bytes:
+            self.max_message_bytes = int(found.group(2))
+            log.warning(
+                "broker_max_message_size_learned",
+                max_message_bytes=self.max_message_bytes,
+                action="larger events go to the quarantine (a 413 with outbox.mode off)",
+            )
+
+    async def _drop(self) -> None:
+        metrics.BROKER_READY.set(0)
+        wire, self._wire, self._channel = self._wire, None, None
+        if wire is not None:
+            # Frames not yet handed to the old connection die with it (its close rejects their
+            # confirms; the publish timeout is the backstop).
+            wire.fail_unconfirmed(None)
+            wire.discard()
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            # aio-pika's close() awaits its close callbacks in a `finally`, so a cancellation (a
+            # timeout) cannot stop it: run it as a task of its own and wait a bounded time.
+            closing = asyncio.create_task(connection.close(), name="broker-close")
+            self._closing.add(closing)
+            closing.add_done_callback(_forget(self._closing))
+            await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+        # Forgotten only once closed: close() cancelling the supervisor mid-way closes it again.
+        if self._connection is connection:
+            self._connection = None
+
+
+def broker_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the broker or the link failed (not a bug of ours): the broker's
+    errors, the network's, and a ``RuntimeError`` that aio-pika or aiormq raise themselves
+    (about a connection or channel that closed under them)."""
+    if isinstance(exc, BROKER_ERRORS):
+        return True
+    if not isinstance(exc, RuntimeError) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_CLIENT_MODULES)
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Any:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed close of a dead connection is expected, not news
+
+    return done
