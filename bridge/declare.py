@@ -1,8 +1,8 @@
 """Topology on the broker: declare what the config names, or check it is there (passive).
 
-Part of the deliver step; ``bridge.publisher`` calls it on every connect and on a reload, and
-``events-bridge topology`` from the command line. The topology itself (exchanges, queues,
-bindings) is parsed from YAML by ``bridge.rules``.
+Part of the deliver step; ``bridge.link`` calls it on every connect and on a reload, and
+``events-bridge declare`` from the command line. The topology itself (exchanges, queues,
+bindings) is parsed from YAML by ``bridge.topology``.
 """
 
 from __future__ import annotations
