@@ -23,11 +23,14 @@ touches aiormq's internals. It relies on these, all of ``aiormq.Channel`` unless
 - ``_confirm_delivery(tag, frame)``: settles one confirm as aiormq does (ack, nack, return);
 - ``_on_confirm_frame(frame)``: replaced on our channel by one that takes confirms from the
   front of the table (aiormq's visits every open confirm per ``multiple`` ack);
+- ``_on_return_frame``: aiormq's handler of a returned message, which must pair it with its
+  publish through ``message_id_delivery_tag``;
 - ``aiormq.channel.Returning``: the placeholder a returned message leaves in the table;
 - ``number`` and ``max_content_size``: the channel's number and its largest body frame.
 
-:func:`open_channel` checks all of these on every connect (:func:`internals_problem`); if one is
-not what this module expects (another aiormq), or ``BRIDGE_PUBLISH_PATH=portable`` is set, it
+:func:`open_channel` checks all of these on every connect (:func:`internals_problem`: their
+types and signatures, and one confirm settled as aiormq's reader would); if one is not what this
+module expects (another aiormq), or ``BRIDGE_PUBLISH_PATH=portable`` is set, it
 takes **the portable path** (:class:`PortableChannel`: aiormq's public ``basic_publish``, one
 task per message, slower) and warns once. ``tests/test_channel.py`` pins each internal, and CI
 runs the broker suites on both paths.
@@ -207,21 +210,22 @@ class PortableChannel:
         return self._underlay.is_closed
 
     def send(self, out: Outbound) -> Sent:
-        # The same checks and header fitting as the fast path; pamqp writes the frames.
-        _, out = framed(self._number, self._max_body, out)
+        # The same checks and header fitting as the fast path; pamqp writes the frames. The
+        # caller knows the message it gave (the outbox pairs them by identity), not the copy.
+        _, framed_as = framed(self._number, self._max_body, out)
         properties = Basic.Properties(
-            content_type=out.content_type,
-            headers=dict(out.headers),
+            content_type=framed_as.content_type,
+            headers=dict(framed_as.headers),
             delivery_mode=2,
-            message_id=out.message_id,
-            timestamp=out.timestamp,
-            message_type=out.type,
-            app_id=out.app_id,
+            message_id=framed_as.message_id,
+            timestamp=framed_as.timestamp,
+            message_type=framed_as.type,
+            app_id=framed_as.app_id,
         )
         publishing = self._underlay.basic_publish(
-            out.body,
-            exchange=out.exchange,
-            routing_key=out.routing_key,
+            framed_as.body,
+            exchange=framed_as.exchange,
+            routing_key=framed_as.routing_key,
             properties=properties,
             mandatory=True,
         )
@@ -241,8 +245,19 @@ class PortableChannel:
 
 
 def internals_problem(underlay: object) -> str | None:
-    """None when ``underlay`` has every internal :class:`FastChannel` relies on, as it expects
-    them; else what differs, in a few words."""
+    """None when ``underlay`` has every internal :class:`FastChannel` relies on, and they behave
+    as it expects; else what differs, in a few words. Never raises: a check that fails to run is
+    a difference too."""
+    try:
+        problem = _shape_problem(underlay)
+        if problem is None and isinstance(underlay, aiormq.Channel):
+            problem = _behaviour_problem(underlay)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the portable path is the answer
+        return f"the check of aiormq's internals failed: {type(exc).__name__}: {exc}"
+    return problem
+
+
+def _shape_problem(underlay: object) -> str | None:
     if not isinstance(underlay, aiormq.Channel):
         return f"the channel is a {type(underlay).__name__}, not an aiormq.Channel"
     expected: tuple[tuple[str, type | tuple[type, ...]], ...] = (
@@ -267,9 +282,34 @@ def internals_problem(underlay: object) -> str | None:
         return "aiormq.Channel._on_confirm_frame is no longer a coroutine"
     if not (isinstance(getattr(aiormq.channel, "Returning", None), type)):
         return "aiormq.channel.Returning is missing"
-    fields = set(inspect.signature(aiormq.abc.ChannelFrame).parameters)
-    if not {"payload", "should_close"} <= fields:
+    try:  # as _flush makes them (a new required field fails here, not in every flush)
+        frame = aiormq.abc.ChannelFrame(payload=b"", should_close=False)
+    except TypeError:
         return "aiormq.abc.ChannelFrame takes other fields"
+    if getattr(frame, "payload", None) != b"" or getattr(frame, "should_close", None) is not False:
+        return "aiormq.abc.ChannelFrame takes other fields"
+    # A return is paired with its publish through message_id_delivery_tag.
+    if "message_id_delivery_tag" not in inspect.getsource(type(underlay)._on_return_frame):
+        return "aiormq.Channel._on_return_frame no longer reads message_id_delivery_tag"
+    return None
+
+
+def _behaviour_problem(underlay: aiormq.Channel) -> str | None:
+    """Settle a confirm of a tag no publish has (0: tags start at 1) as aiormq's reader would:
+    it must resolve with the ack and leave the table."""
+    confirmations = underlay.confirmations
+    if 0 in confirmations:
+        return "aiormq.Channel.confirmations holds tag 0"
+    probe: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    confirmations[0] = probe
+    try:
+        underlay._confirm_delivery(0, Basic.Ack(delivery_tag=0))
+        settled = probe.done() and not probe.cancelled() and isinstance(probe.result(), Basic.Ack)
+        if not settled or 0 in confirmations:
+            return "aiormq.Channel._confirm_delivery settles confirms otherwise"
+    finally:
+        confirmations.pop(0, None)
+        probe.cancel()
     return None
 
 

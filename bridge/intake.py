@@ -142,9 +142,14 @@ class Intake:
         dedup = config.dedup
         self.recent = RecentIds(dedup.size, dedup.seconds) if dedup.enabled else None
 
-    async def take(self, arrival: Arrival) -> Outcome:
-        """Walk ``arrival`` down the road. Refusals come back in the outcome; a bug raises."""
-        facts: dict[str, Any] = {}
+    async def take(self, arrival: Arrival, facts: dict[str, Any] | None = None) -> Outcome:
+        """Walk ``arrival`` down the road. Refusals come back in the outcome; a bug raises.
+
+        ``facts``: where the facts for the log line are written as they are learned (the
+        outcome carries them too), so that they are there even when the caller's deadline or
+        a bug ends the road half-way.
+        """
+        facts = {} if facts is None else facts
         try:
             return await self._take(arrival, facts)
         except Refusal as refused:

@@ -27,6 +27,7 @@ from typing import Any, Final
 import aio_pika
 import aio_pika.abc
 import aiormq
+import pamqp.exceptions
 import structlog
 from yarl import URL
 
@@ -49,9 +50,11 @@ BROKER_ERRORS: Final = (
     OSError,
     EOFError,
     StopAsyncIteration,  # aiormq's word for a connection closed while it read a frame
+    pamqp.exceptions.PAMQPException,  # a frame from the broker pamqp cannot read
     TopologyMissing,
 )
 _CLIENT_MODULES: Final = ("aiormq", "aio_pika", "pamqp")
+_LOOP_MODULES: Final = ("asyncio", "uvloop")
 
 
 def broker_url(config: BrokerConfig) -> str:
@@ -254,12 +257,17 @@ def broker_error(exc: BaseException) -> bool:
     (about a connection or channel that closed under them)."""
     if isinstance(exc, BROKER_ERRORS):
         return True
-    if not isinstance(exc, RuntimeError) or exc.__traceback__ is None:
+    if not isinstance(exc, RuntimeError):
         return False
+    # The innermost frame that is not the event loop's (a transport closed under aiormq).
+    raiser = ""
     tb = exc.__traceback__
-    while tb.tb_next is not None:
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if not module.startswith(_LOOP_MODULES):
+            raiser = module
         tb = tb.tb_next
-    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_CLIENT_MODULES)
+    return raiser.startswith(_CLIENT_MODULES)
 
 
 def describe(exc: BaseException) -> str:

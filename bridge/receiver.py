@@ -197,10 +197,9 @@ class Receiver:
                     request[DEADLINE],
                     pairs if self.config.verification.enabled else None,
                 )
-                outcome = await self.intake.take(arrival)
+                outcome = await self.intake.take(arrival, fields)
         except TimeoutError:
             raise Unavailable("deadline", "could not finish within the answer deadline") from None
-        fields.update(outcome.facts)
         if outcome.refusal is not None:
             raise outcome.refusal
         fields["outcome"] = outcome.status

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from bridge import channel as wire
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
-from bridge.publisher import AmqpPublisher
+from bridge.publisher import AmqpPublisher, PublishFailed
 from tests.helpers import make_config
 
 
@@ -218,4 +218,50 @@ async def test_the_portable_path_fits_large_headers_as_the_fast_path_does(
     await portable.publish([huge])
     got = await queue.get(timeout=5, no_ack=True)
     assert got.headers == {"event-id": "m1", "bridge-omitted": "job-id"}
+    await exchange.delete()
+
+
+async def test_internals_that_behave_otherwise_are_caught(
+    underlay: aiormq.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(underlay, "_confirm_delivery", lambda tag, frame: None)  # pops nothing
+    assert "settles confirms otherwise" in (wire.internals_problem(underlay) or "")
+    monkeypatch.undo()
+    assert underlay.confirmations == {}  # the probe left nothing behind
+
+    @dataclasses.dataclass
+    class FrameWithMore:  # a newer aiormq with one more required field
+        payload: bytes
+        should_close: bool
+        priority: int
+
+    monkeypatch.setattr(aiormq.abc, "ChannelFrame", FrameWithMore)
+    assert "ChannelFrame" in (wire.internals_problem(underlay) or "")
+    monkeypatch.undo()
+
+    def unreadable(_: object) -> str:
+        raise OSError("source not available")
+
+    monkeypatch.setattr(inspect, "getsource", unreadable)  # the check itself fails: portable
+    assert "check of aiormq's internals failed" in (wire.internals_problem(underlay) or "")
+
+
+async def test_the_portable_path_hands_back_the_message_it_was_given(
+    portable: AmqpPublisher, consumer: aio_pika.abc.AbstractChannel
+) -> None:
+    """Callers (the outbox) pair what failed with what they sent by identity, fitted or not."""
+    name = f"test.portable.{time.monotonic_ns()}"
+    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
+    queue = await consumer.declare_queue(
+        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(exchange)
+    await portable.publish([message(name, "first")])
+    huge = dataclasses.replace(
+        message(name, "second"), headers={"event-id": "second", "job-id": "j" * 200_000}
+    )
+    with pytest.raises(PublishFailed) as caught:  # nacked: the queue is full
+        await portable.publish([huge])
+    assert [m for m, _ in caught.value.unsafe] == [huge]
+    assert caught.value.unsafe[0][0] is huge
     await exchange.delete()

@@ -327,6 +327,25 @@ async def test_a_bug_on_the_road_is_a_500_with_its_traceback_not_a_retryable_503
     assert crash.get("exc_info") is True
 
 
+async def test_an_answer_past_the_deadline_still_logs_what_it_knew(
+    make_bridge: Callable[..., Awaitable[Bridge]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bridge = await make_bridge(answer_deadline=1.0)
+
+    async def stuck(messages: Sequence[Outbound], deadline: float | None = None) -> None:
+        await asyncio.sleep(5)
+
+    monkeypatch.setattr(bridge.publisher, "publish", stuck)
+    with capture_logs() as logs:
+        response = await bridge.post(event_body(event_id="late-1"))
+    assert response.status == 503
+    assert (await response.json())["error"] == "deadline"
+    (line,) = [e for e in logs if e["event"] == "webhook_handled"]
+    assert line["event_id"] == "late-1"
+    assert line["event_code"] == "lightroom-job-status"
+    assert "routing_key" in line
+
+
 async def test_readiness_follows_the_publisher(bridge: Bridge) -> None:
     assert (await bridge.client.get("/healthz")).status == 200
     assert (await bridge.client.get("/readyz")).status == 200

@@ -59,7 +59,7 @@ def run_route(args: argparse.Namespace) -> int:
     from bridge.message import RequestContext
     from bridge.routing import Router
 
-    config = load_config(args.config, sections=("broker", "topology", "routes"))
+    config = load_config(args.config, sections=("server", "broker", "topology", "routes"))
     registration = _route_registration(args)
     routes = config.routes if registration is None else config.routes_for(registration)
     try:
