@@ -707,7 +707,10 @@ async def test_a_huge_signed_batch_is_refused_before_any_work_per_element(rig: R
         await asyncio.sleep(0.05)
     status, answer = batch.result()
     assert (status, answer["events"]) == (200, 1000), answer
-    assert slowest < 1.0, f"/readyz waited {slowest:.2f} s while the batch was parsed"
+    # Parsed on the loop, this batch would hold it for its whole parse (7 s on the development
+    # machine); off the loop, the loop waits only for its turns of the GIL (about a second when
+    # the two cores are busy with the suite).
+    assert slowest < 2.5, f"/readyz waited {slowest:.2f} s while the batch was parsed"
     await rig.settle()
     assert {f"heavy-{i}" for i in range(1000)} <= set(ids_of(await rig.delivered()))
 
