@@ -69,7 +69,7 @@ def test_any_json_object_or_batch_parses_or_is_a_400(items: list[dict[str, objec
         return
     parsed = json.loads(raw)
     documents = parsed if isinstance(parsed, list) else [parsed]
-    assert [e.document for e in delivery.events] == documents
+    assert len(delivery.events) == len(documents)
     for event, document in zip(delivery.events, documents, strict=True):
         # Each event keeps its own bytes, verbatim: the whole body, or its element's slice.
         assert event.body in raw

@@ -55,6 +55,9 @@ def run(main: Coroutine[Any, Any, int]) -> int:
     try:
         return loop.run_until_complete(main)
     finally:
+        # Drained and on the way out: another SIGTERM (a service manager's second, say) must not
+        # turn the clean exit into a death by signal once the loop's handler is gone.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         leftovers = asyncio.all_tasks(loop)
         for task in leftovers:
             task.cancel()
