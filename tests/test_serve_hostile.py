@@ -482,7 +482,9 @@ async def test_idle_and_trickling_connections_are_closed_on_time(rig: Rig) -> No
         w.close()
     assert still_open == 0
     metrics = rig.metrics()
-    assert 'bridge_connections_closed_total{reason="idle_timeout"} 50.0' in metrics
+    assert 'bridge_connections_closed_total{reason="idle_timeout"} 50.0' in metrics, [
+        line for line in metrics.splitlines() if line.startswith("bridge_connections_closed_total")
+    ]
     assert 'bridge_connections_closed_total{reason="headers_timeout"} 1.0' in metrics
     assert (await rig.post(body_for("after-the-timeouts")))[0] == 200
 

@@ -82,7 +82,9 @@ async def serve(config: Config, path: str, worker: WorkerSpec) -> int:
     tune_gc()  # before the broker connection, which a reconnect replaces, exists
     handler_args: dict[str, Any] = {
         "access_log": None,
-        "keepalive_timeout": server.idle_timeout,
+        # aiohttp's own idle timer starts with each connection too: a second after the guard's,
+        # so the guard closes idle connections (and counts them), and aiohttp's is a backstop.
+        "keepalive_timeout": server.idle_timeout + 1.0,
         "auto_decompress": False,  # bodies are verified as they came: see the receiver
         "lingering_time": 1.0,
     }
