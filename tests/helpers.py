@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import aio_pika.abc
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -151,3 +153,17 @@ def key_folder(root: Path, signer: SigningKey, *paths: str) -> str:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(signer.public_pem)
     return f"file://{root}"
+
+
+FULL_AFTER_ONE: dict[str, Any] = {"x-max-length": 1, "x-overflow": "reject-publish"}
+
+
+async def fanout_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str, **arguments: Any
+) -> tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]:
+    """A throw-away fanout exchange ``name`` and an exclusive queue bound to it (``arguments``:
+    the queue's, e.g. :data:`FULL_AFTER_ONE`, which nacks every publish after the first)."""
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
+    queue = await channel.declare_queue(exclusive=True, arguments=arguments or None)
+    await queue.bind(exchange)
+    return exchange, queue

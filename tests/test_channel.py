@@ -27,7 +27,7 @@ from bridge import channel as wire
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.publisher import AmqpPublisher, PublishFailed
-from tests.helpers import make_config
+from tests.helpers import FULL_AFTER_ONE, fanout_queue, make_config
 
 
 @pytest.fixture
@@ -125,9 +125,7 @@ async def published_on(
 ) -> tuple[str | None, aio_pika.abc.AbstractIncomingMessage]:
     """Publish one message with a fresh publisher; the path it took and what a consumer got."""
     name = f"test.path.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
-    queue = await consumer.declare_queue(exclusive=True)
-    await queue.bind(exchange)
+    exchange, queue = await fanout_queue(consumer, name)
     config = make_config(amqp_url=amqp_url)
     publisher = AmqpPublisher(config.broker, config.topology)
     await publisher.start()
@@ -196,10 +194,8 @@ async def test_the_portable_path_says_returned_and_nacked(
     with pytest.raises(BrokerUnavailable) as caught:  # bound to nothing, no alternate exchange
         await portable.publish([message(name)])
     assert caught.value.reason == "returned"
-    queue = await consumer.declare_queue(
-        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(exchange)
+    await exchange.delete()
+    exchange, _ = await fanout_queue(consumer, name, **FULL_AFTER_ONE)
     await portable.publish([message(name, "first")])
     with pytest.raises(BrokerUnavailable) as caught:
         await portable.publish([message(name, "second")])
@@ -211,9 +207,7 @@ async def test_the_portable_path_fits_large_headers_as_the_fast_path_does(
     portable: AmqpPublisher, consumer: aio_pika.abc.AbstractChannel
 ) -> None:
     name = f"test.portable.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
-    queue = await consumer.declare_queue(exclusive=True)
-    await queue.bind(exchange)
+    exchange, queue = await fanout_queue(consumer, name)
     huge = dataclasses.replace(message(name), headers={"event-id": "m1", "job-id": "j" * 200_000})
     await portable.publish([huge])
     got = await queue.get(timeout=5, no_ack=True)
@@ -251,11 +245,7 @@ async def test_the_portable_path_hands_back_the_message_it_was_given(
 ) -> None:
     """Callers (the outbox) pair what failed with what they sent by identity, fitted or not."""
     name = f"test.portable.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
-    queue = await consumer.declare_queue(
-        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(exchange)
+    exchange, _ = await fanout_queue(consumer, name, **FULL_AFTER_ONE)
     await portable.publish([message(name, "first")])
     huge = dataclasses.replace(
         message(name, "second"), headers={"event-id": "second", "job-id": "j" * 200_000}

@@ -25,7 +25,15 @@ from bridge.config import BrokerConfig, Config
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.publisher import AmqpPublisher
-from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder, make_config
+from tests.helpers import (
+    CLIENT_ID,
+    EVENTS,
+    FULL_AFTER_ONE,
+    SigningKey,
+    fanout_queue,
+    key_folder,
+    make_config,
+)
 from tests.proxy import Proxy
 from tests.test_envelope import EXPECTED as SAMPLE_TABLE
 from tests.test_envelope import H_CODE, H_ID
@@ -235,11 +243,7 @@ async def test_a_nack_is_a_failure(
     consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     name = f"test.full.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
-    queue = await consumer.declare_queue(
-        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(exchange)
+    _, queue = await fanout_queue(consumer, name, **FULL_AFTER_ONE)
     await publisher.publish([outbound(name, "first")])
     with pytest.raises(BrokerUnavailable) as caught:
         await publisher.publish([outbound(name, "second")])
@@ -253,9 +257,7 @@ async def test_same_message_id_in_flight_twice_is_serialized(
     consumer: aio_pika.abc.AbstractChannel,
 ) -> None:
     name = f"test.dup.{time.monotonic_ns()}"
-    exchange = await consumer.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
-    queue = await consumer.declare_queue(exclusive=True)
-    await queue.bind(exchange)
+    _, queue = await fanout_queue(consumer, name)
     await asyncio.gather(*(publisher.publish([outbound(name, "same")]) for _ in range(5)))
     assert len(await take(queue, 5)) == 5
 

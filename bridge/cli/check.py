@@ -21,10 +21,9 @@ def add_check_config(sub: Subparsers) -> None:
 
 def run_check_config(args: argparse.Namespace) -> int:
     from bridge.config import load_config
-
-    config = load_config(args.config)
     from bridge.link import redacted
 
+    config = load_config(args.config)
     regs = ", ".join(f"{r.name} at {r.path}" for r in config.registrations)
     print(
         f"{args.config}: valid ({len(config.registrations)} registration(s): {regs}; "
