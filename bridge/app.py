@@ -29,6 +29,7 @@ from bridge.keys import KeyStore
 from bridge.outbox import Outbox, OutboxUnavailable
 from bridge.publisher import AmqpPublisher, Publisher
 from bridge.receiver import Receiver, answer_middleware, json_response
+from bridge.tracing import Tracing
 from bridge.verify import Verifier
 from bridge.workers import SINGLE, WorkerSpec, stranded_outbox_dirs
 
@@ -84,10 +85,14 @@ async def _reload(app: web.Application, path: str) -> bool:
 
 
 def create_app(
-    config: Config, publisher: Publisher | None = None, worker: WorkerSpec = SINGLE
+    config: Config,
+    publisher: Publisher | None = None,
+    worker: WorkerSpec = SINGLE,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The daemon's application. Pass ``publisher`` to replace the broker (HTTP-only tests);
-    ``worker`` is which of ``serve --workers N`` this process is."""
+    ``worker`` is which of ``serve --workers N`` this process is; ``tracing``, the spans'
+    tracer (``bridge.tracing``; None: off)."""
     # Bodies are read and capped by the receiver itself, so aiohttp's own cap is set above ours.
     app = web.Application(
         middlewares=[answer_middleware], client_max_size=config.server.max_body_bytes + 1
@@ -104,8 +109,8 @@ def create_app(
     app[RELOAD_LOCK] = asyncio.Lock()
     app[PUBLISHER] = publisher
     outbox, stranded = _outboxes(config, publisher, worker)
-    app.cleanup_ctx.append(Lifetime(config, keys, owned, outbox, stranded))
-    receiver = Receiver(config, Verifier(keys), publisher, outbox)
+    app.cleanup_ctx.append(Lifetime(config, keys, owned, outbox, stranded, tracing))
+    receiver = Receiver(config, Verifier(keys), publisher, outbox, tracing)
     receiver.add_routes(app)
     app[RECEIVER] = receiver
     app.router.add_get("/healthz", _healthz)
@@ -128,6 +133,7 @@ class Lifetime:
     owned: AmqpPublisher | None
     outbox: Outbox | None
     stranded: list[Outbox]
+    tracing: Tracing | None = None
 
     async def __call__(self, _app: web.Application) -> AsyncIterator[None]:
         await self.start()
@@ -173,6 +179,8 @@ class Lifetime:
         if self.owned is not None:
             await self.owned.close()
         await self.keys.close()
+        if self.tracing is not None:  # the last spans exported, in the exporter's own time
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("bridge_stopped")
 
 

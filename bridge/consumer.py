@@ -30,6 +30,11 @@ What it does with each message (``prefetch`` at a time):
 
 The work queue must exist (the bridge's topology declares it); the helper declares only its retry
 queue. Does not: publish events, or know anything of HTTP.
+
+Traces: where OpenTelemetry is installed (``events-bridge[otel]``), the handler runs inside a
+consumer span that continues the message's ``traceparent`` (set by the bridge: the trace of the
+webhook request that brought the event), from OpenTelemetry's global tracer provider or the one
+given; spans the handler makes are its children. Without a configured SDK the span costs nothing.
 """
 
 from __future__ import annotations
@@ -164,6 +169,7 @@ class Consumer:
         retry_delay: float = 5.0,
         dedup_size: int = 10_000,
         dedup_seconds: float = 3600.0,
+        tracer_provider: Any = None,
     ) -> None:
         if max_attempts < 1 or prefetch < 1 or retry_delay < 0:
             raise ValueError("max_attempts and prefetch must be >= 1, retry_delay >= 0")
@@ -176,6 +182,7 @@ class Consumer:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._stopped = asyncio.Event()
         self._in_flight: dict[str, asyncio.Future[None]] = {}
+        self._tracing = _consumer_tracing(tracer_provider)
 
     async def start(self) -> None:
         """Connect, declare the retry queue, and start consuming (returns once consuming)."""
@@ -242,7 +249,11 @@ class Consumer:
         done = asyncio.get_running_loop().create_future()
         self._in_flight[event.event_id] = done
         try:
-            await self._run_handler(message, event)
+            if self._tracing is None:
+                await self._run_handler(message, event)
+            else:
+                with self._tracing.span(self.queue_name, event):
+                    await self._run_handler(message, event)
         finally:
             del self._in_flight[event.event_id]
             done.set_result(None)
@@ -308,3 +319,40 @@ class Consumer:
     async def _dead_letter(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.counts["dead_lettered"] += 1
         await message.reject(requeue=False)
+
+
+class _ConsumerTracing:
+    """A consumer span per handled event, continuing the message's ``traceparent``."""
+
+    def __init__(self, provider: Any) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.tracer = (provider or trace.get_tracer_provider()).get_tracer("events-bridge.consumer")
+        self.kind = trace.SpanKind.CONSUMER
+        self.propagator = TraceContextTextMapPropagator()
+
+    def span(self, queue: str, event: ReceivedEvent) -> contextlib.AbstractContextManager[Any]:
+        carrier = {
+            k: v for k in ("traceparent", "tracestate") if (v := _text(event.headers.get(k)))
+        }
+        return self.tracer.start_as_current_span(
+            f"{queue} process",
+            context=self.propagator.extract(carrier),
+            kind=self.kind,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": queue,
+                "messaging.message.id": event.event_id,
+                "messaging.rabbitmq.destination.routing_key": event.routing_key,
+                "events_bridge.event_code": event.event_code,
+            },
+        )
+
+
+def _consumer_tracing(provider: Any) -> _ConsumerTracing | None:
+    try:
+        return _ConsumerTracing(provider)
+    except ImportError:  # OpenTelemetry is not installed: no spans
+        return None

@@ -164,8 +164,7 @@ class Intake:
                         "signature_missing", "no signature headers (x-adobe-digital-signature-1…)"
                     )
                 return self._validation(arrival.registration, delivery)
-            assert self.verifier is not None
-            await self.verifier.check_pairs(list(arrival.signatures), arrival.body)
+            await self._verify(arrival)
         # Only verified arrivals get this far: the slots are for work worth doing.
         if self.in_flight >= self.config.server.max_in_flight:
             raise TooManyRequests("too_many_requests", "too many requests in flight")
@@ -187,7 +186,7 @@ class Intake:
             registration.name, arrival.received_at, arrival.headers
         )
         fresh, keys = self._fresh(delivery, registration.name, facts)
-        plan = self.plan(delivery, None, rules.routers[registration.name], context, events=fresh)
+        plan = self._route(delivery, rules.routers[registration.name], context, fresh)
         facts["routing_key"] = _one_or_list([m.routing_key for m in plan.messages])
         status = await self._deliver(plan.messages, arrival.deadline) if plan.messages else None
         if self.recent is not None:
@@ -200,6 +199,17 @@ class Intake:
             messages=len(plan.messages),
             facts=facts,
         )
+
+    # The steps a traced intake (``bridge.tracing``) wraps in spans: verify, route, deliver.
+    async def _verify(self, arrival: Arrival) -> None:
+        assert self.verifier is not None
+        assert arrival.signatures is not None
+        await self.verifier.check_pairs(list(arrival.signatures), arrival.body)
+
+    def _route(
+        self, delivery: Delivery, router: Router, context: RequestContext, events: list[Event]
+    ) -> Plan:
+        return self.plan(delivery, None, router, context, events=events)
 
     @staticmethod
     def plan(
@@ -349,11 +359,8 @@ class Intake:
     def reload(self, config: Config, registrations: Sequence[Registration]) -> None:
         """Adopt ``config``'s routes for ``registrations``. The broker settings (the unrouted
         exchange among them) stay those of the running process: they change with a restart."""
-        self.rules = Rules.build(
-            dataclasses.replace(
-                config, broker=self.config.broker, registrations=tuple(registrations)
-            )
-        )
+        config = dataclasses.replace(config, broker=self.config.broker)
+        self.rules = Rules.build(dataclasses.replace(config, registrations=tuple(registrations)))
 
 
 def parse(body: bytes, headers: Mapping[str, str], max_events: int) -> Delivery:

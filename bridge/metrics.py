@@ -110,6 +110,16 @@ OUTBOX_DEPTH = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
+# The age of the outbox's head, not a histogram of waits: "how late is the broker's copy of what
+# Adobe was told is safe" is one number, and it must grow while nothing at all happens (the
+# outbox's watchdog sets it every second). With workers: the largest of the live ones.
+OUTBOX_OLDEST_AGE = Gauge(
+    "bridge_outbox_oldest_age_seconds",
+    "Seconds the oldest event waiting in the outbox has waited since the bridge received it; "
+    "0 when empty.",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 OUTBOX_REPLAYED = Counter(
     "bridge_outbox_replayed",
     "Events the outbox replayed to the broker (confirmed).",

@@ -77,8 +77,21 @@ _OPEN: weakref.WeakSet[Outbox] = weakref.WeakSet()
 
 
 def _report_depth() -> None:
-    """``bridge_outbox_depth``: every outbox of this process (worker 0 may replay several)."""
-    metrics.OUTBOX_DEPTH.set(sum(outbox.depth for outbox in _OPEN))
+    """``bridge_outbox_depth`` and ``bridge_outbox_oldest_age_seconds``: every outbox of this
+    process (worker 0 may replay several). On writes, advances and the watchdog's tick, never
+    per published event, and O(outboxes): the age is the head's, records being held in the order
+    they were written (one requeued behind the others, ``outbox_record_requeued``, is not it)."""
+    depth, oldest = 0, None
+    for outbox in _OPEN:
+        records = outbox.spool.records
+        depth += len(records)
+        if records:
+            # When the bridge received it (a record read back after a restart keeps its time):
+            # a head already settled is forgotten by the next advance, so it may count a moment.
+            received = records[0].message.timestamp.timestamp()
+            oldest = received if oldest is None else min(oldest, received)
+    metrics.OUTBOX_DEPTH.set(depth)
+    metrics.OUTBOX_OLDEST_AGE.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
 
 
 class Outbox:
@@ -190,6 +203,7 @@ class Outbox:
             self._open = False
             self.spool.close()
             _OPEN.discard(self)
+            _report_depth()  # what is left open: a closed outbox's backlog is no longer ours
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -292,6 +306,7 @@ class Outbox:
             except (OSError, OutboxLocked) as exc:
                 self._write_failed = True  # /readyz: unusable; appends get a 503 meanwhile
                 log.error("outbox_rewrite_failed", folder=str(self.folder), error=str(exc))
+            _report_depth()  # the head's age grows while nothing is written or replayed
 
     async def quarantine(self, entries: Sequence[tuple[Outbound, str, str]]) -> None:
         """Keep ``(message, kind, reason)`` in the quarantine file durably (OSError if not):

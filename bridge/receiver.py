@@ -53,6 +53,7 @@ from bridge.intake import Arrival, Intake
 from bridge.message import header_text
 from bridge.outbox import Outbox
 from bridge.publisher import Publisher
+from bridge.tracing import TracedIntake, Tracing
 from bridge.verify import Verifier
 
 log = structlog.get_logger("bridge.receiver")
@@ -143,10 +144,16 @@ class Receiver:
         verifier: Verifier,
         publisher: Publisher,
         outbox: Outbox | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.outbox = outbox
-        self.intake = Intake(config, verifier, publisher, outbox)
+        self.tracing = tracing
+        self.intake = (
+            Intake(config, verifier, publisher, outbox)
+            if tracing is None
+            else TracedIntake(tracing, config, verifier, publisher, outbox)
+        )
 
     def add_routes(self, app: web.Application) -> None:
         for registration in self.config.registrations:
@@ -177,6 +184,12 @@ class Receiver:
         return json_response(200, {"challenge": value})
 
     async def webhook(self, request: web.Request, name: str) -> web.Response:
+        if self.tracing is None:
+            return await self._webhook(request, name)
+        handle = partial(self._webhook, request, name)
+        return await self.tracing.webhook(request, name, handle, request[LOG_FIELDS])
+
+    async def _webhook(self, request: web.Request, name: str) -> web.Response:
         fields = request[LOG_FIELDS]
         fields["registration"] = name
         delivery_id = header_text(request.headers, "x-adobe-delivery-id", 128)

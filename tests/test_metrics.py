@@ -1,13 +1,20 @@
-"""Label values that signed input chooses are bounded: the first N, then `other`."""
+"""Label values that signed input chooses are bounded: the first N, then `other`; with workers,
+each gauge adds up (or not) as its meaning says."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import metrics
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -38,3 +45,38 @@ def test_a_long_value_is_other_from_the_start() -> None:
     first = metrics.FirstSeen(10)
     assert first("x" * 200) == metrics.OTHER
     assert first("short") == "short"
+
+
+def _in_a_worker(folder: Path, code: str) -> str:
+    """Run ``code`` in a fresh process writing its metrics under ``folder``, as a worker does."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"from bridge import metrics\n{code}"],
+        cwd=ROOT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_with_workers_the_outbox_depth_adds_up_and_the_oldest_age_is_the_largest(
+    tmp_path: Path,
+) -> None:
+    for depth, age in ((3, 5.0), (4, 50.0)):
+        _in_a_worker(
+            tmp_path, f"metrics.OUTBOX_DEPTH.set({depth})\nmetrics.OUTBOX_OLDEST_AGE.set({age})"
+        )
+    text = _in_a_worker(
+        tmp_path,
+        "from prometheus_client import generate_latest\n"
+        "print(generate_latest(metrics.registry()).decode())",
+    )
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert values["bridge_outbox_depth"] == 7
+    assert values["bridge_outbox_oldest_age_seconds"] == 50

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pamqp.commands import Basic
 
+from bridge import metrics
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.outbox import Outbox, OutboxFull, OutboxUnavailable
@@ -351,3 +353,40 @@ async def test_when_the_broker_takes_nothing_the_replayer_backs_off(tmp_path: Pa
     assert publisher.attempts <= 8  # 0.2 s doubling: about 4 in 2 s
     assert outbox.depth == 300  # nothing requeued, nothing lost
     await outbox.close()
+
+
+def oldest_age() -> float:
+    value = metrics.REGISTRY.get_sample_value("bridge_outbox_oldest_age_seconds")
+    assert value is not None
+    return value
+
+
+async def test_the_oldest_waiting_event_s_age_is_reported_and_grows_while_nothing_happens(
+    tmp_path: Path,
+) -> None:
+    """``bridge_outbox_oldest_age_seconds``: from the head's receive time, on writes, on the
+    watchdog's tick (no write, no replay), after a restart, and 0 once drained or closed."""
+    publisher = Recorder(ready=False)  # a broker that is away: the backlog stays
+    outbox = Outbox(tmp_path, 1 << 20, publisher)
+    await outbox.open()
+    assert oldest_age() == 0
+    received = datetime.now(UTC) - timedelta(seconds=120)
+    await outbox.append(
+        [
+            dataclasses.replace(message(1), timestamp=received),
+            dataclasses.replace(message(2), timestamp=received + timedelta(seconds=60)),
+        ]
+    )
+    first = oldest_age()
+    assert 120 <= first < 125  # the head's, not the newest's
+    await asyncio.sleep(2.5)  # no write, no replay: only the watchdog's tick reports it
+    assert oldest_age() >= first + 1.5
+    await outbox.close()
+    assert oldest_age() == 0  # nothing open: this process holds no backlog
+    again = Outbox(tmp_path, 1 << 20, publisher)
+    await again.open()
+    assert oldest_age() >= 122  # read back from disk: still counted from when it was received
+    publisher.ready = True
+    assert await again.drain(10)
+    assert oldest_age() == 0
+    await again.close()

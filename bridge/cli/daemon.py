@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from bridge import tracing
 from bridge.app import PUBLISHER, create_app, reload_config
 from bridge.config import Config, ServerConfig
 from bridge.connections import (
@@ -78,7 +79,7 @@ async def serve(config: Config, path: str, worker: WorkerSpec) -> int:
     # The port first, then the outbox: a second daemon on the same port stops here, before it
     # reads (or replays) anything of the first one's. It listens only once all is ready.
     sockets = bind(server.host, server.port, reuse_port=worker.count > 1)
-    app = create_app(config, worker=worker)
+    app = create_app(config, worker=worker, tracing=tracing.from_environment())
     tune_gc()  # before the broker connection, which a reconnect replaces, exists
     handler_args: dict[str, Any] = {
         "access_log": None,

@@ -4,6 +4,7 @@ quick start that ``--help`` and ``serve --help`` print."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Protocol
 
 DEFAULT_CONFIG = "config/bridge.yaml"
@@ -31,10 +32,12 @@ class Subparsers(Protocol):
 
 
 def config_arg(parser: argparse.ArgumentParser) -> None:
+    # BRIDGE_CONFIG: where an installation keeps it (the image: /etc/events-bridge/bridge.yaml),
+    # so that `events-bridge tail` there needs no --config.
     parser.add_argument(
         "--config",
         "-c",
-        default=DEFAULT_CONFIG,
+        default=os.environ.get("BRIDGE_CONFIG") or DEFAULT_CONFIG,
         metavar="FILE",
-        help=f"YAML configuration (default: {DEFAULT_CONFIG})",
+        help=f"YAML configuration (default: $BRIDGE_CONFIG, else {DEFAULT_CONFIG})",
     )

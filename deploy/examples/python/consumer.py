@@ -26,11 +26,12 @@ async def handle(event: ReceivedEvent) -> None:
     if event.job is None:
         raise PermanentFailure(f"{event.event_code} is not a job-status event")
     print(
-        f"job {event.job.job_id} {event.job.status} ({event.event_code}, attempt {event.attempt})"
+        f"job {event.job.job_id} {event.job.status} ({event.event_code}, attempt {event.attempt})",
+        flush=True,
     )
     for output in event.job.outputs:
         if output.status == "failed":
-            print(f"  {output.input or '(no input)'}: {output.errors}")
+            print(f"  {output.input or '(no input)'}: {output.errors}", flush=True)
 
 
 async def declare() -> None:
@@ -52,13 +53,29 @@ async def declare() -> None:
         await queue.bind("adobe.events", routing_key="*.failed")
 
 
+async def declare_when_ready(seconds: float = 120.0) -> None:
+    """Declare once the broker answers and the bridge has declared ``adobe.events``: started
+    beside the bridge (a sidecar Pod, compose), this may start first."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            await declare()
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            print(f"waiting for the broker and adobe.events ({type(exc).__name__})", flush=True)
+            await asyncio.sleep(2.0)
+        else:
+            return
+
+
 async def main() -> None:
-    await declare()
+    await declare_when_ready()
     consumer = Consumer(URL, QUEUE, handle, prefetch=16, max_attempts=3, retry_delay=10)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, consumer.stop)
-    print(f"consuming {QUEUE} (bound to adobe.events with '*.failed'); Ctrl-C stops")
+    print(f"consuming {QUEUE} (bound to adobe.events with '*.failed'); Ctrl-C stops", flush=True)
     await consumer.run()
     print(f"stopped: {consumer.counts}")
 

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Build the events-bridge container image, and the few images its tests need, with podman (or
+# docker where podman is missing and a Docker engine answers). Progress goes to stderr.
+#
+#   deploy/container/image.sh build [--base IMAGE]  events-bridge:<version> and :latest, saved to
+#                                                   .local/image/events-bridge-<version>.tar
+#   deploy/container/image.sh base                  localhost/debian:bookworm-slim from debootstrap
+#   deploy/container/image.sh rabbitmq              localhost/rabbitmq:4 (Debian 13's rabbitmq-server)
+#   deploy/container/image.sh env                   the exports that point podman at this store
+#   deploy/container/image.sh engine                print podman or docker (installing podman if needed)
+#
+# Without --base (or BASE=), the base is a Debian 12 root file system made here with debootstrap
+# and imported (no registry needed); with it, the base is pulled as usual, e.g. python:3.11-slim.
+# A machine whose HTTPS is re-signed by a local CA passes its bundle to pip as a build secret
+# (CA_BUNDLE=, default: the system bundle); it is never copied into any layer.
+# Podman keeps its state under .local/containers unless CONTAINERS_CONF/CONTAINERS_STORAGE_CONF
+# are already set: `eval "$(deploy/container/image.sh env)"` gives a shell the same store.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/../.." && pwd)
+store="$here/.local/containers"
+out="$here/.local/image"
+version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$here/bridge/__init__.py")
+name=events-bridge
+debian_base=localhost/debian:bookworm-slim
+rabbitmq_image=localhost/rabbitmq:4
+
+say() { printf 'image: %s\n' "$*" >&2; }
+die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
+
+mirror() {  # the Debian mirror apt already uses here, else deb.debian.org
+    local found
+    found=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list \
+        2>/dev/null | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' ' || true)
+    echo "${MIRROR:-${found:-http://deb.debian.org/debian}}"
+}
+
+apt_install() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+        || die "$* missing: install it (apt-get install $*), or run as root on Debian/Ubuntu"
+    say "installing $* with apt-get (once)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+docker_ok() { command -v docker >/dev/null 2>&1 && timeout 5 docker info >/dev/null 2>&1; }
+
+podman_env() {
+    # Our own store and settings, unless the caller has chosen theirs. runc, not crun (crun 1.8
+    # refuses hybrid cgroup layouts), native overlay, and ulimits this host can grant.
+    if [ -n "${CONTAINERS_CONF:-}${CONTAINERS_STORAGE_CONF:-}" ]; then return; fi
+    mkdir -p "$store/c/storage" "$store/c/run" "$store/c/networks" "$store/c/tmp"
+    local nofile nproc
+    nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
+    [ "$nofile" = unlimited ] && nofile=1048576
+    # No more processes than pids can exist (runc was refused 96363 on a host whose pid_max and
+    # container limit are 32768).
+    local pids
+    pids=$(cat /proc/sys/kernel/pid_max 2>/dev/null || echo 32768)
+    if [ "$nproc" = unlimited ] || [ "$nproc" -gt "$pids" ]; then nproc=$pids; fi
+    cat >"$store/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$store/c/storage"
+runroot = "$store/c/run"
+EOF
+    cat >"$store/containers.conf" <<EOF
+[containers]
+default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
+[engine]
+runtime = "runc"
+tmp_dir = "$store/c/tmp"
+[network]
+network_config_dir = "$store/c/networks"
+EOF
+    export CONTAINERS_STORAGE_CONF="$store/storage.conf" CONTAINERS_CONF="$store/containers.conf"
+    export TMPDIR="$store/c/tmp"
+}
+
+engine() {
+    if command -v podman >/dev/null 2>&1; then echo podman
+    elif docker_ok; then echo docker
+    else
+        apt_install podman buildah runc fuse-overlayfs debootstrap slirp4netns uidmap \
+            containernetworking-plugins golang-github-containernetworking-plugin-dnsname \
+            netavark aardvark-dns catatonit
+        echo podman
+    fi
+}
+
+slim() {  # rootfs: as Debian's own -slim images, no manuals, documentation or translations
+    local root=${1:?}  # never the host's /
+    [ -d "$root/etc/dpkg" ] && [ "$root" != / ] || die "slim: $root is not a new root file system"
+    printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+        'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
+        'path-exclude /usr/share/locale/*' 'path-exclude /usr/share/lintian/*' \
+        >"$root/etc/dpkg/dpkg.cfg.d/slim"  # what apt installs later, too
+    find "$root/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
+    rm -rf "$root"/usr/share/{man,info,locale,lintian}/* "$root"/var/cache/apt/*.bin \
+        "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+}
+
+rootfs_image() {  # tag suite: a minbase Debian rootfs, imported as an image
+    local tag=$1 suite=$2 engine=$3 dir="$store/rootfs-$2"
+    if $engine image exists "$tag" 2>/dev/null || $engine image inspect "$tag" >/dev/null 2>&1; then
+        return
+    fi
+    command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
+    [ "$(id -u)" = 0 ] || die "debootstrap needs root: run as root, or give a base (BASE=python:3.11-slim)"
+    say "debootstrap $suite from $(mirror) (about 30 s, once)"
+    rm -rf "$dir"
+    debootstrap --variant=minbase "$suite" "$dir" "$(mirror)" >"$store/debootstrap-$suite.log" 2>&1 \
+        || die "debootstrap $suite failed: see $store/debootstrap-$suite.log"
+    slim "$dir"
+    tar -C "$dir" -c . | $engine import - "$tag" >/dev/null
+    rm -rf "$dir"
+    say "base $tag imported"
+}
+
+secret_args() {  # the CA bundle pip should trust, as a build secret (never in a layer)
+    local bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+    [ -s "$bundle" ] && echo "--secret=id=ca-bundle,src=$bundle"
+    return 0
+}
+
+build() {
+    local base=${BASE:-} engine started
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --base) base=${2:?--base needs an image}; shift 2 ;;
+            *) die "unknown option '$1' (build [--base IMAGE])" ;;
+        esac
+    done
+    engine=$(engine)
+    [ "$engine" = podman ] && podman_env
+    mkdir -p "$store"
+    if [ -z "$base" ]; then
+        rootfs_image "$debian_base" bookworm "$engine"
+        base=$debian_base
+    fi
+    started=$SECONDS
+    say "building $name:$version from $base with $engine"
+    local args=(build)
+    [ "$engine" = podman ] && args+=(--format docker)  # docker's format keeps the HEALTHCHECK
+    # shellcheck disable=SC2046 # secret_args prints one word or none
+    DOCKER_BUILDKIT=1 $engine "${args[@]}" $(secret_args) --build-arg "BASE=$base" \
+        --label "org.opencontainers.image.version=$version" \
+        -t "$name:$version" -t "$name:latest" -f "$here/deploy/container/Containerfile" "$here" >&2
+    mkdir -p "$out"
+    rm -f "$out/$name-$version.tar"
+    if [ "$engine" = podman ]; then
+        podman save --format docker-archive -m -o "$out/$name-$version.tar" \
+            "$name:$version" "$name:latest" >/dev/null
+    else
+        docker save -o "$out/$name-$version.tar" "$name:$version" "$name:latest"
+    fi
+    say "built $name:$version in $((SECONDS - started)) s; $($engine image inspect \
+        --format '{{.Size}}' "$name:$version" | awk '{printf "%.0f MB", $1/1e6}'); saved to \
+.local/image/$name-$version.tar ($(du -m "$out/$name-$version.tar" | cut -f1) MB)"
+}
+
+rabbitmq() {
+    local engine
+    engine=$(engine)
+    [ "$engine" = podman ] && podman_env
+    mkdir -p "$store"
+    if $engine image inspect "$rabbitmq_image" >/dev/null 2>&1; then return; fi
+    rootfs_image localhost/debian:trixie trixie "$engine"
+    say "building $rabbitmq_image (Debian 13's rabbitmq-server 4.0)"
+    $engine build --format docker -t "$rabbitmq_image" -f "$here/deploy/container/rabbitmq4/Containerfile" \
+        "$here/deploy/container/rabbitmq4" >&2
+}
+
+case "${1:-build}" in
+    build) shift || true; build "$@" ;;
+    base) e=$(engine); [ "$e" = podman ] && podman_env; mkdir -p "$store"; rootfs_image "$debian_base" bookworm "$e" ;;
+    rabbitmq) rabbitmq ;;
+    env) podman_env; printf 'export CONTAINERS_STORAGE_CONF=%q CONTAINERS_CONF=%q TMPDIR=%q\n' \
+        "${CONTAINERS_STORAGE_CONF:-}" "${CONTAINERS_CONF:-}" "${TMPDIR:-/tmp}" ;;
+    engine) engine ;;
+    -h|--help|help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command '$1' (build, base, rabbitmq, env, engine)" ;;
+esac
