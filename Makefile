@@ -26,8 +26,8 @@ CORE_TESTS := tests/test_envelope.py tests/test_signature.py tests/test_signatur
 	tests/test_config.py tests/test_topology.py tests/test_message.py tests/test_frames.py \
 	tests/test_dedup.py tests/test_handshake.py tests/test_authorize.py
 
-.PHONY: help install broker broker-stop run test test-faults test-portable test-faults-portable \
-	coverage bench check lint typecheck fmt lock clean
+.PHONY: help install tools broker broker-stop run test test-faults test-portable test-faults-portable \
+	image test-image coverage bench check lint typecheck fmt lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ install: $(STAMP)  ## create .venv and install the project with its pinned depen
 broker:  ## find or start a RabbitMQ broker (BRIDGE_AMQP_URL, :5672, Docker, or a private node)
 	@mkdir -p $(LOCAL)
 	@deploy/broker.sh ensure > $(LOCAL)/amqp-url
+
+tools:  ## the validators the tests run on deploy/ (docker-compose, systemd-analyze), via apt as root
+	@deploy/tools.sh
 
 broker-stop:  ## stop the broker that `make broker` started
 	@deploy/broker.sh stop
@@ -65,7 +68,7 @@ run: install broker $(DEV_KEY)  ## serve on 127.0.0.1:8080 with development sett
 	BRIDGE_KEY_BASE_URL=file://$(CURDIR)/$(DEV_KEYS) \
 	exec $(BIN)/events-bridge serve --config config/bridge.yaml
 
-test: install broker  ## run the whole test suite against a real broker
+test: install broker tools  ## run the whole test suite against a real broker
 	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-faults: install broker  ## the fault suite: broker, network and process faults under load
@@ -73,12 +76,22 @@ test-faults: install broker  ## the fault suite: broker, network and process fau
 
 # The fast publish path leans on aiormq internals (bridge/channel.py); when they are not what it
 # expects, the bridge publishes with aiormq's public basic_publish. These run every suite so.
-test-portable: install broker  ## the whole test suite on the portable publish path
+test-portable: install broker tools  ## the whole test suite on the portable publish path
 	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-faults-portable: install broker  ## the fault suite on the portable publish path
 	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) \
 		$(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
+
+image:  ## the container image, events-bridge:<version>, saved to .local/image/ (BASE=python:3.11-slim: another base)
+	deploy/container/image.sh build $(if $(BASE),--base $(BASE))
+
+# After the other suites in CI: the image run as operators run it (podman), the chart as a
+# sidecar Pod under `podman kube play`, the compose file through podman's Docker API.
+test-image: install broker image  ## build the image, then run it against the real broker
+	deploy/container/image.sh test-tools
+	deploy/container/image.sh rabbitmq
+	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -m image tests/image $(PYTEST_ARGS)
 
 coverage: install broker  ## the pure core's tests with coverage: it must keep CORE_FLOOR %
 	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -q --cov=bridge --cov-report= \

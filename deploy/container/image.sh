@@ -6,6 +6,7 @@
 #                                                   .local/image/events-bridge-<version>.tar
 #   deploy/container/image.sh base                  localhost/debian:bookworm-slim from debootstrap
 #   deploy/container/image.sh rabbitmq              localhost/rabbitmq:4 (Debian 13's rabbitmq-server)
+#   deploy/container/image.sh test-tools            podman and docker-compose for make test-image
 #   deploy/container/image.sh env                   the exports that point podman at this store
 #   deploy/container/image.sh engine                print podman or docker (installing podman if needed)
 #
@@ -172,13 +173,19 @@ rabbitmq() {
         "$here/deploy/container/rabbitmq4" >&2
 }
 
+test_tools() {  # what make test-image needs beside the images: podman, docker-compose
+    engine >/dev/null
+    command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
+}
+
 case "${1:-build}" in
     build) shift || true; build "$@" ;;
     base) e=$(engine); [ "$e" = podman ] && podman_env; mkdir -p "$store"; rootfs_image "$debian_base" bookworm "$e" ;;
     rabbitmq) rabbitmq ;;
+    test-tools) test_tools ;;
     env) podman_env; printf 'export CONTAINERS_STORAGE_CONF=%q CONTAINERS_CONF=%q TMPDIR=%q\n' \
         "${CONTAINERS_STORAGE_CONF:-}" "${CONTAINERS_CONF:-}" "${TMPDIR:-/tmp}" ;;
     engine) engine ;;
-    -h|--help|help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown command '$1' (build, base, rabbitmq, env, engine)" ;;
+    -h|--help|help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" ;;
+    *) die "unknown command '$1' (build, base, rabbitmq, test-tools, env, engine)" ;;
 esac

@@ -8,6 +8,9 @@
     persistent messages, outbox in fallback, dedup, a log line per request), ``--workers N``
     (default: one per CPU);
 (d) events-bridge, batch deliveries of 20 events;
+(f) (c) again with traces on: every request sampled, its spans exported over OTLP/HTTP to a local
+    collector (collector.py); what tracing costs. Off, as in (c), it costs nothing: the traced
+    code is not on the path at all;
 (e) the daemon's RSS (largest worker) under a steady 400 requests/s (``BENCH_MEMORY_SECONDS``,
     default 300; 0 skips it).
 
@@ -284,11 +287,36 @@ topology:
     return path
 
 
-def start_bridge(prefix: str, port: int, amqp_url: str, workers: int) -> subprocess.Popen[bytes]:
+def start_bridge(
+    prefix: str, port: int, amqp_url: str, workers: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """``events-bridge serve --workers N`` with the bench's config and an outbox of its own."""
     config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
     command = ["-m", "bridge", "serve", "--workers", str(workers), "--config", str(config)]
-    return subprocess.Popen([sys.executable, *command], cwd=ROOT, stderr=subprocess.DEVNULL)
+    quiet = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return subprocess.Popen(
+        [sys.executable, *command],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        env={**quiet, **(env or {})},
+    )
+
+
+def start_collector() -> tuple[subprocess.Popen[bytes], str]:
+    """(f)'s OTLP/HTTP collector, and the OTEL_* variables that send a daemon's spans to it."""
+    port = free_port()
+    collector = subprocess.Popen(
+        [sys.executable, str(HERE / "collector.py"), str(port)], stderr=subprocess.DEVNULL
+    )
+    return collector, f"http://127.0.0.1:{port}"
+
+
+def collected(url: str) -> dict[str, int]:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/count", timeout=5) as response:
+        counts: dict[str, int] = json.loads(response.read())
+        return counts
 
 
 def wait_ready(url: str, seconds: float = 30) -> None:
@@ -391,29 +419,23 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
             server.wait(timeout=30)
         results["b_baseline"] = _rates(out)
 
-        for key, requests, label in (
-            ("c_bridge_single", singles, "(c) single deliveries"),
-            ("d_bridge_batch20", batches, "(d) batches of 20"),
-        ):
-            print(f"bench: {label}, {workers} worker(s)", file=sys.stderr, flush=True)
-            await purge(amqp_url, prefix)
-            before = await queued(amqp_url, prefix)
-            port = free_port()
-            daemon = start_bridge(prefix, port, amqp_url, workers)
-            try:
-                await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz")
-                await asyncio.sleep(1.0)  # every worker connected, not only the first
-                out = await measured(daemon, f"http://127.0.0.1:{port}/webhook", requests, seconds)
-            finally:
-                daemon.send_signal(signal.SIGTERM)
-                daemon.wait(timeout=60)
-            after = await queued(amqp_url, prefix)
-            results[key] = {**_rates(out), "in_queue": after - before}
-            if after - before < out["events"]:
-                raise SystemExit(
-                    f"bench: {key}: {out['events']} events answered, only "
-                    f"{after - before} in the queue"
+        collector, otlp = start_collector()
+        traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_SERVICE_NAME": "bench"}
+        try:
+            for key, requests, label, env in (
+                ("c_bridge_single", singles, "(c) single deliveries", None),
+                ("d_bridge_batch20", batches, "(d) batches of 20", None),
+                ("f_bridge_single_traced", singles, "(f) single deliveries, traced", traced),
+            ):
+                print(f"bench: {label}, {workers} worker(s)", file=sys.stderr, flush=True)
+                results[key] = await bridge_scenario(
+                    amqp_url, prefix, workers, requests, seconds, env
                 )
+            results["f_bridge_single_traced"]["collector"] = collected(otlp)
+            results["f_bridge_single_traced"]["collector_cpu_s"] = cpu_seconds(collector.pid)
+        finally:
+            collector.send_signal(signal.SIGTERM)
+            collector.wait(timeout=30)
         # (a) once more at the end: the machine is shared, and the ratios use the mean of both.
         print("bench: (a) aio-pika alone again, asyncio loop", file=sys.stderr, flush=True)
         await purge(amqp_url, prefix)
@@ -436,8 +458,37 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
     b = results["b_baseline"]["events_per_s"]
     c = results["c_bridge_single"]["events_per_s"]
     d = results["d_bridge_batch20"]["events_per_s"]
-    results["ratios"] = {"c/b": c / b, "c/a": c / a, "d/a": d / a}
+    f = results["f_bridge_single_traced"]["events_per_s"]
+    results["ratios"] = {"c/b": c / b, "c/a": c / a, "d/a": d / a, "f/c": f / c}
     return results
+
+
+async def bridge_scenario(
+    amqp_url: str,
+    prefix: str,
+    workers: int,
+    requests: Path,
+    seconds: float,
+    env: dict[str, str] | None,
+) -> dict[str, Any]:
+    """The daemon under load; every answered event checked to be in the queue."""
+    await purge(amqp_url, prefix)
+    before = await queued(amqp_url, prefix)
+    port = free_port()
+    daemon = start_bridge(prefix, port, amqp_url, workers, env)
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz")
+        await asyncio.sleep(1.0)  # every worker connected, not only the first
+        out = await measured(daemon, f"http://127.0.0.1:{port}/webhook", requests, seconds)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    after = await queued(amqp_url, prefix)
+    if after - before < out["events"]:
+        raise SystemExit(
+            f"bench: {out['events']} events answered, only {after - before} in the queue"
+        )
+    return {**_rates(out), "in_queue": after - before}
 
 
 async def memory(amqp_url: str, prefix: str, seconds: float, workers: int) -> dict[str, Any]:
@@ -544,6 +595,7 @@ def main() -> None:
         "b_baseline",
         "c_bridge_single",
         "d_bridge_batch20",
+        "f_bridge_single_traced",
     ):
         row = results[key]
         server = row.get("client_cpu_us_per_event", row.get("cpu_us_per_event", {}).get("server"))
@@ -558,6 +610,13 @@ def main() -> None:
     print(
         f"\nratios (workers={results['workers']}): (c)/(b) = {ratios['c/b']:.2f}   "
         f"(c)/(a) = {ratios['c/a']:.2f}   (d)/(a) = {ratios['d/a']:.2f}"
+    )
+    f, c = results["f_bridge_single_traced"], results["c_bridge_single"]
+    extra = f["cpu_us_per_event"]["server"] - c["cpu_us_per_event"]["server"]
+    print(
+        f"traces: (f)/(c) = {ratios['f/c']:.2f}, {extra:+.0f} µs of the bridge's CPU per event "
+        f"with every request traced; the collector got {f['collector']['spans']} spans in "
+        f"{f['collector']['exports']} exports ({f['events']} requests answered)"
     )
     if "e_memory" in results:
         e = results["e_memory"]
