@@ -46,7 +46,7 @@ def test_hadolint_can_fail(tmp_path: Path) -> None:
 def copied_sources() -> list[str]:
     """What the image's Containerfile copies from the build context."""
     text = (ROOT / "deploy" / "container" / "Containerfile").read_text()
-    sources = []
+    sources: list[str] = []
     for line in text.splitlines():
         match = re.match(r"COPY\s+(?!--from)(.+)", line)
         if match:
