@@ -157,7 +157,9 @@ class Receiver:
 
     def add_routes(self, app: web.Application) -> None:
         for registration in self.config.registrations:
-            app.router.add_post(registration.path, partial(self.webhook, name=registration.name))
+            # Traced only when tracing is on: off, the plain handler is all there is.
+            handler = self.webhook if self.tracing is None else self.traced_webhook
+            app.router.add_post(registration.path, partial(handler, name=registration.name))
             app.router.add_get(registration.path, partial(self.challenge, name=registration.name))
 
     def reload(self, config: Config) -> list[str]:
@@ -183,13 +185,13 @@ class Receiver:
         log.info("challenge_answered", registration=name, challenge=value)
         return json_response(200, {"challenge": value})
 
-    async def webhook(self, request: web.Request, name: str) -> web.Response:
-        if self.tracing is None:
-            return await self._webhook(request, name)
-        handle = partial(self._webhook, request, name)
+    async def traced_webhook(self, request: web.Request, name: str) -> web.Response:
+        """:meth:`webhook` inside the request's span (``bridge.tracing``)."""
+        assert self.tracing is not None
+        handle = partial(self.webhook, request, name)
         return await self.tracing.webhook(request, name, handle, request[LOG_FIELDS])
 
-    async def _webhook(self, request: web.Request, name: str) -> web.Response:
+    async def webhook(self, request: web.Request, name: str) -> web.Response:
         fields = request[LOG_FIELDS]
         fields["registration"] = name
         delivery_id = header_text(request.headers, "x-adobe-delivery-id", 128)

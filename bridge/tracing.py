@@ -113,10 +113,11 @@ class Tracing:
     """A tracer, the W3C propagator, and the provider to shut down at the end."""
 
     def __init__(self, provider: TracerProvider) -> None:
-        from opentelemetry.trace import SpanKind, StatusCode
+        from opentelemetry.trace import SpanKind, StatusCode, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.server, self.error = SpanKind.SERVER, StatusCode.ERROR
+        self.current_span = get_current_span
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer(SCOPE, __version__)
         self.propagator = TraceContextTextMapPropagator()
@@ -172,7 +173,13 @@ class Tracing:
     def step(self, name: str, **attributes: Any) -> Iterator[Span]:
         """A child span of the current one, for a step of the road. A refusal is an attribute
         (and an error when it is a 5xx), not an exception event: forged requests are common
-        and a traceback each would cost more than the refusal."""
+        and a traceback each would cost more than the refusal. Under a request that is not
+        sampled, nothing: its children would not be recorded either, and making them is most
+        of what an unsampled request costs."""
+        parent = self.current_span()
+        if not parent.is_recording():
+            yield parent
+            return
         with self.tracer.start_as_current_span(
             name, attributes=attributes, record_exception=False, set_status_on_exception=False
         ) as span:

@@ -24,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 from structlog.testing import capture_logs
 
@@ -98,9 +99,9 @@ class Traced:
         return {span.name: span for span in self.spans.get_finished_spans()}
 
 
-def in_memory() -> tuple[TracerProvider, InMemorySpanExporter]:
+def in_memory(sampler: Sampler | None = None) -> tuple[TracerProvider, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
 
@@ -116,8 +117,8 @@ async def traced(
     key_host = str((await aiohttp_server(keys.app())).make_url("")).rstrip("/")
     made: list[Tracing] = []
 
-    async def make(**config: Any) -> Traced:
-        provider, exporter = in_memory()
+    async def make(sampler: Sampler | None = None, **config: Any) -> Traced:
+        provider, exporter = in_memory(sampler)
         made.append(Tracing(provider))
         publisher = FakePublisher()
         app = create_app(
@@ -185,6 +186,22 @@ async def test_without_a_traceparent_a_trace_starts_here_and_reaches_every_messa
     assert "tracestate" not in bridge.publisher.published[0].headers
 
 
+async def test_an_unsampled_request_records_nothing_and_passes_the_decision_on(
+    traced: Callable[..., Awaitable[Traced]],
+) -> None:
+    bridge = await traced(ParentBased(ALWAYS_OFF))
+    assert await bridge.post(event()) == 200
+    unsampled = f"00-{TRACE_ID}-00f067aa0ba902b7-00"  # the caller did not sample it either
+    assert await bridge.post(event(event_id="second"), traceparent=unsampled) == 200
+    assert bridge.spans.get_finished_spans() == ()
+    first, second = (m.headers["traceparent"] for m in bridge.publisher.published)
+    # A trace id of our own, and the caller's; neither sampled (flag bit 0), so consumers
+    # following their parent need not record either.
+    assert not int(first.rsplit("-", 1)[1], 16) & 1
+    assert second.startswith(f"00-{TRACE_ID}-")
+    assert not int(second.rsplit("-", 1)[1], 16) & 1
+
+
 async def test_a_forged_request_is_a_401_span_without_a_traceback(
     traced: Callable[..., Awaitable[Traced]],
 ) -> None:
@@ -219,6 +236,7 @@ async def test_the_broker_away_gives_an_outbox_span_under_publish(
     assert spans["outbox"].attributes["events_bridge.outcome"] == "stored"
     assert spans["POST /webhook"].attributes is not None
     assert spans["POST /webhook"].attributes["events_bridge.outcome"] == "stored"
+    bridge.publisher.fail = False  # the broker back: the outbox drains at once on shutdown
 
 
 async def test_a_503_marks_the_request_span_as_an_error(
