@@ -252,15 +252,17 @@ class Consumer:
             if self._tracing is None:
                 await self._run_handler(message, event)
             else:
-                with self._tracing.span(self.queue_name, event):
-                    await self._run_handler(message, event)
+                with self._tracing.span(self.queue_name, event) as span:
+                    failure = await self._run_handler(message, event)
+                    self._tracing.outcome(span, failure, event.attempt >= self.max_attempts)
         finally:
             del self._in_flight[event.event_id]
             done.set_result(None)
 
     async def _run_handler(
         self, message: aio_pika.abc.AbstractIncomingMessage, event: ReceivedEvent
-    ) -> None:
+    ) -> Exception | None:
+        """Run the handler and settle the message; what the handler raised, if anything."""
         try:
             await self.handler(event)
         except asyncio.CancelledError:
@@ -268,13 +270,14 @@ class Consumer:
         except PermanentFailure as exc:
             log.warning("event_failed_permanently", event_id=event.event_id, error=str(exc))
             await self._dead_letter(message)
-            return
+            return exc
         except Exception as exc:  # noqa: BLE001 - any handler failure means: retry, then dead-letter
             await self._failed(message, event, exc)
-            return
+            return exc
         self.seen.add(event.event_id)
         self.counts["handled"] += 1
         await message.ack()
+        return None
 
     async def _failed(
         self, message: aio_pika.abc.AbstractIncomingMessage, event: ReceivedEvent, exc: Exception
@@ -329,8 +332,19 @@ class _ConsumerTracing:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.tracer = (provider or trace.get_tracer_provider()).get_tracer("events-bridge.consumer")
-        self.kind = trace.SpanKind.CONSUMER
+        self.kind, self.error = trace.SpanKind.CONSUMER, trace.StatusCode.ERROR
         self.propagator = TraceContextTextMapPropagator()
+
+    def outcome(self, span: Any, failure: Exception | None, last: bool) -> None:
+        """What became of the event, on its span: a handler's failure is an error there (the
+        helper caught it to retry or dead-letter, so the span would not see it)."""
+        if failure is None:
+            span.set_attribute("events_bridge.outcome", "handled")
+            return
+        permanent = last or isinstance(failure, PermanentFailure)
+        span.set_attribute("events_bridge.outcome", "dead_lettered" if permanent else "retried")
+        span.record_exception(failure)
+        span.set_status(self.error, type(failure).__name__)
 
     def span(self, queue: str, event: ReceivedEvent) -> contextlib.AbstractContextManager[Any]:
         carrier = {

@@ -80,16 +80,21 @@ def _report_depth() -> None:
     """``bridge_outbox_depth`` and ``bridge_outbox_oldest_age_seconds``: every outbox of this
     process (worker 0 may replay several). On writes, advances and the watchdog's tick, never
     per published event, and O(outboxes): the age is the head's, records being held in the order
-    they were written (one requeued behind the others, ``outbox_record_requeued``, is not it)."""
+    they were written; only after a requeue (a stuck record written again behind the others,
+    ``outbox_record_requeued``) are all of them looked at, until the outbox is empty."""
     depth, oldest = 0, None
     for outbox in _OPEN:
-        records = outbox.spool.records
+        spool = outbox.spool
+        records = spool.records
         depth += len(records)
-        if records:
-            # When the bridge received it (a record read back after a restart keeps its time):
-            # a head already settled is forgotten by the next advance, so it may count a moment.
-            received = records[0].message.timestamp.timestamp()
-            oldest = received if oldest is None else min(oldest, received)
+        if not records:
+            spool.requeued = False
+            continue
+        # When the bridge received it (a record read back after a restart keeps its time): a
+        # head already settled is forgotten by the next advance, so it may count a moment.
+        heads = records if spool.requeued else (records[0],)
+        received = min(r.message.timestamp for r in heads if not r.settled or r is records[0])
+        oldest = received.timestamp() if oldest is None else min(oldest, received.timestamp())
     metrics.OUTBOX_DEPTH.set(depth)
     metrics.OUTBOX_OLDEST_AGE.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
 

@@ -240,6 +240,7 @@ class Replayer:
         except Unavailable:  # full or unwritable: it stays where it is, and is retried there
             return False
         head.settled = True
+        self.spool.requeued = True
         log.warning(
             "outbox_record_requeued",
             message_id=head.message.message_id,

@@ -64,6 +64,9 @@ class Spool:
         self.max_bytes = max_bytes
         self.records: deque[Record] = deque()
         self.held_bytes = 0  # of the records, and of the appends being written
+        # A record was written again behind the others (the replayer's requeue): the oldest
+        # record is then not always the first, until the spool is empty again.
+        self.requeued = False
 
     @property
     def folder(self) -> Path:

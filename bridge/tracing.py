@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import re
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -45,6 +48,10 @@ log = structlog.get_logger("bridge.tracing")
 SCOPE: Final = "events-bridge"
 TRACE_HEADERS: Final = ("traceparent", "tracestate")  # W3C Trace Context, on every message
 EXPORTERS: Final = ("otlp", "console")
+SHUTDOWN_SECONDS: Final = 3.0  # the last spans' export at exit, within every stop budget
+# W3C Trace Context, version 00: what a caller may ask us to continue (anything else: a new trace)
+TRACEPARENT: Final = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+MAX_TRACESTATE: Final = 512  # W3C: at least 512 characters must be carried; more may be cut
 
 
 def asked_for(environ: Mapping[str, str]) -> bool:
@@ -62,15 +69,28 @@ def asked_for(environ: Mapping[str, str]) -> bool:
 
 def from_environment(environ: Mapping[str, str] | None = None) -> Tracing | None:
     """Tracing as the ``OTEL_*`` variables ask (None: off), with a tracer provider of its own
-    that also becomes OpenTelemetry's global one. One warning when they ask for traces that
-    cannot be had (the extra is missing, an exporter unknown)."""
+    that also becomes OpenTelemetry's global one. Traces that cannot be had (the extra missing,
+    no known exporter, a setting the SDK refuses) are one warning, never a failed start."""
     environ = os.environ if environ is None else environ
     if not asked_for(environ):
         return None
+    names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")]
+    known = list(dict.fromkeys(n for n in names if n in EXPORTERS))
+    if len(known) < len([n for n in names if n]):
+        log.warning("tracing_exporter_unknown", exporters=names, known=list(EXPORTERS))
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    if "otlp" in known and protocol.strip().lower() != "http/protobuf":
+        log.warning(
+            "tracing_protocol_unsupported",
+            protocol=protocol,
+            detail="spans go over OTLP/HTTP with protobuf (port 4318), whatever this says",
+        )
+    if not known:
+        return None
     try:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        tracing = Tracing(_provider(known))
     except ImportError:
         log.warning(
             "tracing_unavailable",
@@ -78,54 +98,76 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Tracing | None
             "pip install 'events-bridge[otel]'",
         )
         return None
-    names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")]
-    unknown = [n for n in names if n and n not in EXPORTERS]
-    if unknown:
-        log.warning("tracing_exporter_unknown", exporters=unknown, known=list(EXPORTERS))
+    except ValueError as exc:  # the SDK refuses a setting (OTEL_BSP_*, a sampler argument)
+        log.warning("tracing_unavailable", detail=f"OpenTelemetry refused a setting: {exc}")
+        return None
+    from opentelemetry import trace
+
+    trace.set_tracer_provider(tracing.provider)
+    log.info("tracing_enabled", exporters=known, service=tracing.service)
+    return tracing
+
+
+def _provider(exporters: list[str]) -> TracerProvider:
+    """A tracer provider with a batching processor per exporter (their settings from OTEL_*)."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the service; else events-bridge.
     resource = Resource.create({SERVICE_VERSION: __version__})
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: SCOPE}))
-    provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-    for name in dict.fromkeys(n for n in names if n in EXPORTERS):
-        provider.add_span_processor(_processor(name))
-    trace.set_tracer_provider(provider)
-    log.info(
-        "tracing_enabled",
-        exporters=[n for n in names if n in EXPORTERS],
-        service=resource.attributes.get(SERVICE_NAME),
-    )
-    return Tracing(provider)
+    # The sampler from OTEL_TRACES_SAMPLER. Not shut down at exit: Tracing.shutdown bounds it.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    for name in exporters:
+        if name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        else:  # HTTP/protobuf; the exporter reads OTEL_EXPORTER_OTLP_* itself
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-
-def _processor(exporter: str) -> Any:
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    if exporter == "console":
-        return BatchSpanProcessor(ConsoleSpanExporter())
-    # HTTP/protobuf, the OTLP default port 4318; the exporter reads OTEL_EXPORTER_OTLP_* itself.
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return BatchSpanProcessor(OTLPSpanExporter())
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
 
 
 class Tracing:
     """A tracer, the W3C propagator, and the provider to shut down at the end."""
 
     def __init__(self, provider: TracerProvider) -> None:
+        from opentelemetry.sdk.resources import SERVICE_NAME
         from opentelemetry.trace import SpanKind, StatusCode, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.server, self.error = SpanKind.SERVER, StatusCode.ERROR
         self.current_span = get_current_span
         self.provider = provider
+        self.service = provider.resource.attributes.get(SERVICE_NAME)
         self.tracer: Tracer = provider.get_tracer(SCOPE, __version__)
         self.propagator = TraceContextTextMapPropagator()
+        # The SDK warns of every malformed trace header, quoting it: anyone could write to our
+        # log that way. Headers are checked here before it sees them (incoming_context).
+        logging.getLogger("opentelemetry.trace").setLevel(logging.ERROR)
 
-    def shutdown(self) -> None:
-        """Export what is pending (bounded by the exporter's timeout); blocks: run it in a
-        thread."""
-        self.provider.shutdown()
+    def shutdown(self, seconds: float = SHUTDOWN_SECONDS) -> None:
+        """Export what is pending, for at most ``seconds`` (a collector that does not answer
+        would hold the exit for 30 s, past any stop budget); blocks: run it in a thread."""
+        flush = threading.Thread(target=self.provider.shutdown, name="trace-flush", daemon=True)
+        flush.start()
+        flush.join(seconds)
+        if flush.is_alive():
+            log.warning("tracing_flush_abandoned", seconds=seconds)
+
+    def incoming_context(self, headers: Mapping[str, str]) -> Any:
+        """The caller's trace context, from a well-formed ``traceparent`` (and a ``tracestate``
+        of at most 512 characters); else none: a new trace starts here."""
+        carrier: dict[str, str] = {}
+        parent = headers.get("traceparent")
+        if parent is not None and TRACEPARENT.fullmatch(parent):
+            carrier["traceparent"] = parent
+            state = headers.get("tracestate")
+            if state is not None and len(state) <= MAX_TRACESTATE:
+                carrier["tracestate"] = state
+        return self.propagator.extract(carrier)
 
     async def webhook(
         self,
@@ -136,7 +178,7 @@ class Tracing:
     ) -> web.Response:
         """``handle()`` inside the request's server span, a child of the incoming
         ``traceparent`` when there is one; the answer's status on the span."""
-        parent = self.propagator.extract(request.headers)
+        parent = self.incoming_context(request.headers)
         with self.tracer.start_as_current_span(
             f"{request.method} {request.path}",
             context=parent,

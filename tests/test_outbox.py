@@ -390,3 +390,20 @@ async def test_the_oldest_waiting_event_s_age_is_reported_and_grows_while_nothin
     assert await again.drain(10)
     assert oldest_age() == 0
     await again.close()
+
+
+async def test_a_requeued_record_keeps_its_age(tmp_path: Path) -> None:
+    """A record written again behind the others (the replayer's requeue: a copy appended, the
+    old one settled, the spool flagged) is still the oldest, though no longer the head."""
+    outbox = Outbox(tmp_path, 1 << 20, Recorder(ready=False))
+    await outbox.open()
+    now = datetime.now(UTC)
+    stuck = dataclasses.replace(message(1), timestamp=now - timedelta(seconds=600))
+    await outbox.append([stuck, dataclasses.replace(message(2), timestamp=now)])
+    await outbox.append([stuck])  # as Replayer._requeue_stuck does
+    outbox.spool.records[0].settled = True
+    outbox.spool.requeued = True
+    await outbox.advance()
+    assert outbox.spool.records[0].message.message_id == "m2"  # the head is young now
+    assert oldest_age() >= 600  # and the oldest still counts
+    await outbox.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -333,3 +334,93 @@ async def test_one_trace_id_from_the_incoming_traceparent_to_the_consumer(
     provider.shutdown()
     code, _ = daemon.stop()
     assert code == 0
+
+
+async def test_traces_off_leave_the_trace_headers_as_they_came(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]],
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+) -> None:
+    signer = SigningKey.generate()
+    keys = KeyServer()
+    keys.keys[KEY_PATH] = signer.public_pem
+    key_host = str((await aiohttp_server(keys.app())).make_url("")).rstrip("/")
+    publisher = FakePublisher()
+    client = await aiohttp_client(create_app(make_config(key_base_url=key_host), publisher))
+    body = event()
+    sent = signer.headers(body, traceparent="caller's own words", tracestate="a=b")
+    async with client.post("/webhook", data=body, headers=sent) as response:
+        assert response.status == 200
+    (message,) = publisher.published
+    assert message.headers["traceparent"] == "caller's own words"  # copied as ever (SPEC §5)
+    assert "tracestate" not in message.headers
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "tracestate"),
+    [
+        ("00-" + "a" * 32 + "-" + "b" * 16 + "-01" + "x" * 600, "k=v"),  # too long
+        ("zz-not-a-traceparent", "k=v"),
+        ("00-" + "0" * 32 + "-" + "b" * 16 + "-01", "k=v"),  # the invalid all-zero trace id
+        (PARENT, "m=" + "x" * 4000),  # a tracestate over 512 characters
+        (PARENT, "ATTACKER CONTENT, not=a valid member"),
+    ],
+)
+async def test_hostile_trace_headers_start_a_trace_of_our_own_and_log_nothing(
+    traced: Callable[..., Awaitable[Traced]],
+    caplog: pytest.LogCaptureFixture,
+    traceparent: str,
+    tracestate: str,
+) -> None:
+    bridge = await traced()
+    with caplog.at_level(logging.DEBUG, logger="opentelemetry"):
+        status = await bridge.post(event(), traceparent=traceparent, tracestate=tracestate)
+    assert status == 200
+    assert [r for r in caplog.records if r.name.startswith("opentelemetry")] == []
+    server = bridge.by_name()["POST /webhook"]
+    (message,) = bridge.publisher.published
+    if traceparent == PARENT:  # a valid parent: continued, its bad or huge state is not
+        assert trace_id(server) == TRACE_ID
+    else:
+        assert server.parent is None
+        assert trace_id(server) != TRACE_ID
+    assert len(message.headers.get("tracestate", "")) <= 512
+    assert "ATTACKER" not in message.headers.get("tracestate", "")
+
+
+async def test_a_failing_handler_makes_the_consumer_span_an_error(amqp_url: str) -> None:
+    provider, exporter = in_memory()
+    queue = f"test.traced-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, auto_delete=False)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                orjson.dumps({**LIGHTROOM, "event_id": "fails"}),
+                message_id="fails",
+                headers={"traceparent": PARENT},
+            ),
+            routing_key=queue,
+        )
+
+        async def handle(received: ReceivedEvent) -> None:
+            raise RuntimeError("the handler's own bug")
+
+        consumer = Consumer(amqp_url, queue, handle, max_attempts=1, tracer_provider=provider)
+        await consumer.start()
+        try:
+            for _ in range(100):
+                if exporter.get_finished_spans():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await consumer.close()
+            await channel.queue_delete(queue)
+            await channel.queue_delete(consumer.retry_queue_name)
+    (span,) = exporter.get_finished_spans()
+    assert trace_id(span) == TRACE_ID
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["events_bridge.outcome"] == "dead_lettered"
+    assert [e.name for e in span.events] == ["exception"]
+    provider.shutdown()

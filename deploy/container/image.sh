@@ -29,11 +29,13 @@ rabbitmq_image=localhost/rabbitmq:4
 say() { printf 'image: %s\n' "$*" >&2; }
 die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
 
-mirror() {  # the Debian mirror apt already uses here, else deb.debian.org
-    local found
+mirror() {  # the Debian mirror apt already uses here (or its security one), else deb.debian.org
+    local kind=${1:-debian} found
     found=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list \
-        2>/dev/null | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' ' || true)
-    echo "${MIRROR:-${found:-http://deb.debian.org/debian}}"
+        2>/dev/null | grep -oE "https?://[^ ]+/$kind/?( |\$)" | head -n1 | tr -d ' ' || true)
+    if [ "$kind" = debian ]; then echo "${MIRROR:-${found:-http://deb.debian.org/debian}}"
+    else echo "${SECURITY_MIRROR:-${found:-http://deb.debian.org/debian-security}}"
+    fi
 }
 
 apt_install() {
@@ -79,13 +81,23 @@ EOF
     export TMPDIR="$store/c/tmp"
 }
 
+install_podman() {
+    # podman, runc (crun 1.8 refuses hybrid cgroup layouts) and debootstrap; then what this
+    # release has of the rest (Ubuntu 22.04 has no netavark, Debian 13 no dnsname plugin).
+    apt_install podman runc debootstrap
+    local extra=() package
+    for package in buildah fuse-overlayfs slirp4netns uidmap catatonit netavark aardvark-dns \
+        containernetworking-plugins golang-github-containernetworking-plugin-dnsname iptables; do
+        apt-cache show "$package" >/dev/null 2>&1 && extra+=("$package")
+    done
+    [ ${#extra[@]} -eq 0 ] || apt_install "${extra[@]}"
+}
+
 engine() {
     if command -v podman >/dev/null 2>&1; then echo podman
     elif docker_ok; then echo docker
     else
-        apt_install podman buildah runc fuse-overlayfs debootstrap slirp4netns uidmap \
-            containernetworking-plugins golang-github-containernetworking-plugin-dnsname \
-            netavark aardvark-dns catatonit
+        install_podman
         echo podman
     fi
 }
@@ -102,6 +114,27 @@ slim() {  # rootfs: as Debian's own -slim images, no manuals, documentation or t
         "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 }
 
+scrub() {  # dir: a rootfs of ours, removed with whatever an interrupted debootstrap left mounted
+    local dir=${1:?} mounted
+    case $dir in "$store"/rootfs-*) ;; *) die "scrub: $dir is not a folder of ours" ;; esac
+    [ -e "$dir" ] || return 0
+    for mounted in $(findmnt -rno TARGET | awk -v d="$dir/" 'index($0, d) == 1' | sort -r); do
+        umount -l "$mounted" || die "cannot unmount $mounted (left by debootstrap): unmount it"
+    done
+    rm -rf --one-file-system "$dir"
+}
+
+upgrade() {  # root suite: Debian's updates and security fixes, as the official images carry
+    local root=${1:?} suite=${2:?}
+    printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s %s-security main\n' \
+        "$(mirror)" "$suite" "$(mirror)" "$suite" "$(mirror debian-security)" "$suite" \
+        >"$root/etc/apt/sources.list"
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    chroot "$root" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get -y -qq upgrade >&2
+    rm -f "$root/etc/resolv.conf"
+}
+
 rootfs_image() {  # tag suite: a minbase Debian rootfs, imported as an image
     local tag=$1 suite=$2 engine=$3 dir="$store/rootfs-$2"
     if $engine image exists "$tag" 2>/dev/null || $engine image inspect "$tag" >/dev/null 2>&1; then
@@ -109,13 +142,15 @@ rootfs_image() {  # tag suite: a minbase Debian rootfs, imported as an image
     fi
     command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
     [ "$(id -u)" = 0 ] || die "debootstrap needs root: run as root, or give a base (BASE=python:3.11-slim)"
-    say "debootstrap $suite from $(mirror) (about 30 s, once)"
-    rm -rf "$dir"
+    say "debootstrap $suite from $(mirror), with its security updates (about 40 s, once)"
+    scrub "$dir"
     debootstrap --variant=minbase "$suite" "$dir" "$(mirror)" >"$store/debootstrap-$suite.log" 2>&1 \
         || die "debootstrap $suite failed: see $store/debootstrap-$suite.log"
+    upgrade "$dir" "$suite" 2>>"$store/debootstrap-$suite.log" \
+        || die "the updates of $suite failed: see $store/debootstrap-$suite.log"
     slim "$dir"
     tar -C "$dir" -c . | $engine import - "$tag" >/dev/null
-    rm -rf "$dir"
+    scrub "$dir"
     say "base $tag imported"
 }
 
@@ -169,12 +204,14 @@ rabbitmq() {
     if $engine image inspect "$rabbitmq_image" >/dev/null 2>&1; then return; fi
     rootfs_image localhost/debian:trixie trixie "$engine"
     say "building $rabbitmq_image (Debian 13's rabbitmq-server 4.0)"
-    $engine build --format docker -t "$rabbitmq_image" -f "$here/deploy/container/rabbitmq4/Containerfile" \
+    local args=(build)
+    [ "$engine" = podman ] && args+=(--format docker)
+    $engine "${args[@]}" -t "$rabbitmq_image" -f "$here/deploy/container/rabbitmq4/Containerfile" \
         "$here/deploy/container/rabbitmq4" >&2
 }
 
-test_tools() {  # what make test-image needs beside the images: podman, docker-compose
-    engine >/dev/null
+test_tools() {  # what make test-image needs beside the images: podman itself, docker-compose
+    command -v podman >/dev/null 2>&1 || install_podman
     command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
 }
 

@@ -2,9 +2,10 @@
 
     python deploy/examples/python/consumer.py            # needs `make run` (or a broker) first
 
-It declares its own work queue `examples.failed-jobs` (quorum, dead letters to
-`examples.failed-jobs.dead`), binds it to `adobe.events` with `*.failed`, and handles each event
-with retries: a handler that raises is retried after 10 s, three times, then dead-lettered.
+It declares its own work queue `examples.failed-jobs` (`EXAMPLE_QUEUE` names another; quorum,
+dead letters to `examples.failed-jobs.dead`), binds it to `adobe.events` with `*.failed`, and
+handles each event with retries: a handler that raises is retried after 10 s, three times, then
+dead-lettered.
 In production, declare the queue in the bridge's `topology:` instead and keep only the handler.
 """
 
@@ -19,7 +20,7 @@ import aio_pika
 from bridge.consumer import Consumer, PermanentFailure, ReceivedEvent
 
 URL = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-QUEUE = "examples.failed-jobs"
+QUEUE = os.environ.get("EXAMPLE_QUEUE") or "examples.failed-jobs"
 
 
 async def handle(event: ReceivedEvent) -> None:
