@@ -1,24 +1,22 @@
 """The road, whatever brought the events: verify → parse → authorize → dedup → route → build →
 deliver, and the :class:`Outcome` to answer with.
 
-Owns: :class:`Intake`, which takes one :class:`Arrival` (a body's bytes and the facts around it:
-headers, registration, when it came, its signatures, its deadline) and returns an
-:class:`Outcome`: what was done (published, stored, quarantined, duplicate, dropped, the
-validation handshake) or why it was refused (a :class:`~bridge.errors.Refusal`), with the facts
-for the canonical log line. The webhook edge (``bridge.receiver``) only reads, limits and
-answers around it; ``events-bridge route`` asks :meth:`Intake.plan` the same questions without
-delivering. The dedup memory and the rules of a reload are the intake's, shared by every source.
+Owns: :class:`Intake`: one :class:`Arrival` (a body's bytes, its headers, registration, receive
+time, signatures and deadline) in, an :class:`Outcome` out: what was done (published, stored,
+quarantined, duplicate, dropped, the validation handshake) or the :class:`~bridge.errors.Refusal`,
+with the facts for the log line. The webhook edge (``bridge.receiver``) only reads, limits and
+answers around it; ``events-bridge route`` asks :meth:`Intake.plan` without delivering. The
+dedup memory and the rules of a reload are the intake's, shared by every source.
 
-Delivery semantics (the README's "Delivery semantics"): an event is safe once the broker confirmed
-it, or the outbox fsync'ed it; an event no broker takes as it is goes to the quarantine. Only when
-every event of the arrival is safe is the outcome a success; dedup remembers an event only then.
+Delivery semantics (README): an event is safe once the broker confirmed it or the outbox fsync'ed
+it (what no broker takes: the quarantine); only then is the outcome a success, and dedup
+remembers it.
 
-Does not: speak HTTP, know AMQP, fetch keys, or parse JSON itself.
+Does not: speak HTTP, know AMQP, fetch keys, or parse (``bridge.parse`` does).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from typing import Any, Final
 import structlog
 
 from bridge import metrics
-from bridge.adobe.envelope import MAX_HEADER_FIELD, Delivery, Event, parse_delivery
+from bridge.adobe.envelope import Delivery, Event
 from bridge.adobe.handshake import VALIDATION_HOST, adobe_validation_url, try_validation
 from bridge.adobe.signature import SignedPair
 from bridge.authorize import authorize, refusal
@@ -43,15 +41,15 @@ from bridge.errors import (
     TooManyRequests,
     Unauthenticated,
 )
-from bridge.message import OMITTED, Outbound, RequestContext, build_message, header_text
+from bridge.message import OMITTED, Outbound, RequestContext, build_message
 from bridge.outbox import Outbox, OutboxUnavailable
+from bridge.parse import Parser
 from bridge.publisher import Publisher, unsafe_and_refused
 from bridge.routing import Decision, Router
 from bridge.verify import Verifier
 
 log = structlog.get_logger("bridge.intake")
 
-PARSE_IN_THREAD_BYTES: Final = 1024 * 1024
 OUTBOX_MARGIN: Final = 1.0  # seconds kept, of the answer deadline, for the outbox's fsync
 
 
@@ -138,7 +136,7 @@ class Intake:
         self.outbox = outbox
         self.rules = Rules.build(config)
         self.in_flight = 0
-        self._large_parses = asyncio.Semaphore(1)
+        self.parse = Parser(config.server.max_batch_events)
         dedup = config.dedup
         self.recent = RecentIds(dedup.size, dedup.seconds) if dedup.enabled else None
 
@@ -250,15 +248,6 @@ class Intake:
                     metrics.HEADERS_OMITTED.labels(name).inc()
         return Plan(delivery, refusals, decisions, messages)
 
-    async def parse(self, body: bytes, headers: Mapping[str, str]) -> Delivery:
-        limit = self.config.server.max_batch_events
-        if len(body) <= PARSE_IN_THREAD_BYTES:
-            return parse(body, headers, limit)
-        # A large body (signed: only Adobe's, or a replay of one) may take a second to parse:
-        # in a thread, one at a time, so the loop goes on answering everyone else.
-        async with self._large_parses:
-            return await asyncio.to_thread(parse, body, headers, limit)
-
     def _fresh(
         self, delivery: Delivery, registration: str, facts: dict[str, Any]
     ) -> tuple[list[Event], list[bytes]]:
@@ -361,16 +350,6 @@ class Intake:
         exchange among them) stay those of the running process: they change with a restart."""
         config = dataclasses.replace(config, broker=self.config.broker)
         self.rules = Rules.build(dataclasses.replace(config, registrations=tuple(registrations)))
-
-
-def parse(body: bytes, headers: Mapping[str, str], max_events: int) -> Delivery:
-    """The parse step: ``body`` as a delivery, the headers' event id and code as fallbacks."""
-    return parse_delivery(
-        body,
-        header_text(headers, "x-adobe-event-id", MAX_HEADER_FIELD),
-        header_text(headers, "x-adobe-event-code", MAX_HEADER_FIELD),
-        max_events,
-    )
 
 
 def describe(delivery: Delivery) -> dict[str, Any]:

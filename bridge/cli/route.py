@@ -51,12 +51,14 @@ def _route_registration(args: argparse.Namespace) -> Registration | None:
 
 
 def run_route(args: argparse.Namespace) -> int:
-    """The intake's own parse, authorize and route steps (``bridge.intake``), explained."""
+    """The road's own parse, authorize and route steps (``bridge.parse``, ``bridge.intake``),
+    explained."""
     from datetime import UTC, datetime
 
     from bridge.config import load_config
-    from bridge.intake import Intake, parse
+    from bridge.intake import Intake
     from bridge.message import RequestContext
+    from bridge.parse import parse
     from bridge.routing import Router
 
     config = load_config(args.config, sections=("server", "broker", "topology", "routes"))
