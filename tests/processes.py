@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT
+from tests.helpers import CLIENT_ID, SigningKey, key_folder
 
 
 def free_port() -> int:
@@ -38,6 +39,19 @@ def cli(
         cwd=ROOT,
         check=False,
     )
+
+
+def daemon_env(tmp_path: Path, signer: SigningKey, amqp_url: str) -> dict[str, str]:
+    """The environment a test daemon runs with: ``signer``'s key in a folder of the test's, an
+    outbox of its own, a free port, JSON logs."""
+    return {
+        "BRIDGE_CLIENT_IDS": CLIENT_ID,
+        "BRIDGE_KEY_BASE_URL": key_folder(tmp_path / "keys", signer),
+        "BRIDGE_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "BRIDGE_LOG_FORMAT": "json",
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_AMQP_URL": amqp_url,
+    }
 
 
 def _limit_files(count: int) -> None:

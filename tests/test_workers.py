@@ -19,8 +19,8 @@ from bridge.config import BrokerConfig
 from bridge.message import Outbound
 from bridge.outbox import Outbox
 from bridge.workers import WorkerSpec, stranded_outbox_dirs
-from tests.helpers import CLIENT_ID, EVENTS, FakePublisher, SigningKey, key_folder
-from tests.processes import Daemon, free_port
+from tests.helpers import EVENTS, FakePublisher, SigningKey
+from tests.processes import Daemon, daemon_env
 from tests.test_cli import isolated_config
 
 # post: one request per connection, so the kernel picks a worker
@@ -29,23 +29,12 @@ from tests.test_outbox_durability import post
 LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
 
 
-def env_for(tmp_path: Path, signer: SigningKey, amqp_url: str) -> dict[str, str]:
-    return {
-        "BRIDGE_CLIENT_IDS": CLIENT_ID,
-        "BRIDGE_KEY_BASE_URL": key_folder(tmp_path / "keys", signer),
-        "BRIDGE_OUTBOX_DIR": str(tmp_path / "outbox"),
-        "BRIDGE_LOG_FORMAT": "json",
-        "BRIDGE_PORT": str(free_port()),
-        "BRIDGE_AMQP_URL": amqp_url,
-    }
-
-
 def two_workers(
     tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
 ) -> tuple[Daemon, SigningKey]:
     signer = SigningKey.generate()
     config = isolated_config(tmp_path, forget_topology)
-    return Daemon(config, env_for(tmp_path, signer, amqp_url), ("--workers", "2")), signer
+    return Daemon(config, daemon_env(tmp_path, signer, amqp_url), ("--workers", "2")), signer
 
 
 def worker_pids(daemon: Daemon) -> list[int]:
@@ -164,7 +153,7 @@ async def test_outbox_of_a_worker_that_no_longer_exists_is_replayed(
     signer = SigningKey.generate()
     config = isolated_config(tmp_path, forget_topology)
     prefix = forget_topology[-1].exchange.removesuffix(".events")
-    env = env_for(tmp_path, signer, amqp_url)
+    env = daemon_env(tmp_path, signer, amqp_url)
     base = Path(env["BRIDGE_OUTBOX_DIR"])
     (base / "worker-1").mkdir(parents=True)  # a folder this run uses, or an empty one
     down = FakePublisher()  # a broker that is away, so the records stay in the folder

@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge import metrics
 from bridge.config import BrokerConfig
 from tests.conftest import ROOT
-from tests.helpers import CLIENT_ID, EVENTS, SAMPLES, SigningKey, key_folder
-from tests.processes import Daemon, free_port
+from tests.helpers import CLIENT_ID, EVENTS, SAMPLES, SigningKey
+from tests.processes import Daemon, daemon_env
 from tests.test_cli import isolated_config
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "events-bridge.json"
@@ -301,14 +301,7 @@ def test_the_daemon_exports_every_metric_and_label_the_queries_use(
     tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
 ) -> None:
     signer = SigningKey.generate()
-    env = {
-        "BRIDGE_CLIENT_IDS": CLIENT_ID,
-        "BRIDGE_KEY_BASE_URL": key_folder(tmp_path / "keys", signer),
-        "BRIDGE_OUTBOX_DIR": str(tmp_path / "outbox"),
-        "BRIDGE_LOG_FORMAT": "json",
-        "BRIDGE_PORT": str(free_port()),
-        "BRIDGE_AMQP_URL": amqp_url,
-    }
+    env = daemon_env(tmp_path, signer, amqp_url)
     daemon = Daemon(isolated_config(tmp_path, forget_topology), env)
     try:
         daemon.wait_ready()
