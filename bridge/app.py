@@ -228,12 +228,23 @@ def _readyz(
             if stalled
             else ("usable" if usable else "unusable"),
             "outbox_depth": sum(o.depth for o in outboxes),
+            **_broker_state(publisher),
         }
         if not stalled and ((publisher.ready and not always) or usable):
             return json_response(200, {"status": "ready", **state})
         return json_response(503, {"status": "not_ready", **state}, {"Retry-After": "5"})
 
     return readyz
+
+
+def _broker_state(publisher: Publisher) -> dict[str, str]:
+    """The node in use (a cluster's nodes are ``host:port``), or why the broker is not in use
+    (a TLS problem, a refused login): an AMQP publisher's; a fake one has neither."""
+    node = getattr(publisher, "node", None)
+    if node is not None:
+        return {"node": str(node.name)}
+    problem = getattr(publisher, "problem", None)
+    return {"broker_error": str(problem)} if problem else {}
 
 
 def _outboxes(

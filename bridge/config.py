@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from bridge.config_links import broker_tls, broker_urls, server_tls
 from bridge.config_types import (
     MAX_KEY_CACHE_SECONDS,
     BrokerConfig,
@@ -64,10 +65,6 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_AMQP_URL = re.compile(
-    r"^amqps?://(?:[^@/?#]*@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
-    r"(?:/[^?#]*)?(?:\?[^#]*)?$"
-)
 
 
 def _keys(section: type[Any]) -> set[str]:
@@ -90,6 +87,7 @@ def _server(doc: Doc, node: yaml.Node | None) -> ServerConfig:
         header_timeout=s.number("header_timeout", d.header_timeout, 0.1, 60.0),
         idle_timeout=s.number("idle_timeout", d.idle_timeout, 0.1, 3600.0),
         shutdown_timeout=s.number("shutdown_timeout", d.shutdown_timeout, 0.0, 600.0),
+        tls=server_tls(s),
     )
     if cfg.body_timeout >= cfg.answer_deadline:
         doc.fail(
@@ -107,11 +105,12 @@ def _server(doc: Doc, node: yaml.Node | None) -> ServerConfig:
 
 
 def _broker(doc: Doc, node: yaml.Node | None) -> BrokerConfig:
-    s = doc.mapping(node, "broker", _keys(BrokerConfig))
+    s = doc.mapping(node, "broker", (_keys(BrokerConfig) - {"urls"}) | {"url"})
     d = BrokerConfig()
-    url = s.get("url", d.url, _amqp_url, "an amqp:// or amqps:// URL with a host")
+    urls = broker_urls(s, d.urls)
     cfg = BrokerConfig(
-        url=url,
+        urls=urls,
+        tls=broker_tls(s, urls),
         heartbeat=s.integer("heartbeat", d.heartbeat, 0, 600),
         connect_timeout=s.number("connect_timeout", d.connect_timeout, 0.1, 60.0),
         publish_timeout=s.number("publish_timeout", d.publish_timeout, 0.1, 9.0),
@@ -158,16 +157,6 @@ def _verification(doc: Doc, node: yaml.Node | None) -> VerificationConfig:
 def _strip_slash(url: str) -> str:
     stripped = url.rstrip("/")
     return "file:///" if stripped == "file:" else stripped
-
-
-def _amqp_url(text: str) -> str:
-    """Accept amqp(s)://[user:pass@]host[:port][/vhost][?query] whose port is a number."""
-    match = _AMQP_URL.match(text)
-    if not match or not match.group("host"):
-        raise ValueError(text)
-    if match.group("port") is not None and not 0 < int(match.group("port")) < 65536:
-        raise ValueError(text)
-    return text
 
 
 def _registrations(doc: Doc, node: yaml.Node | None) -> tuple[Registration, ...]:

@@ -17,6 +17,33 @@ MAX_KEY_CACHE_SECONDS = 24 * 3600  # Adobe: cache a public key for not more than
 
 
 @dataclass(frozen=True)
+class ServerTls:
+    """HTTPS on the webhook port (SPEC §8); no ``cert_file``: plain HTTP."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # set: a client certificate from this CA is required (mTLS)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """How an ``amqps://`` broker is verified, and the certificate we show it (SPEC §8)."""
+
+    ca_file: str = ""  # empty: the system's trusted CAs
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""  # empty: the URL's host
+
+    @property
+    def configured(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file, self.server_name))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -30,11 +57,13 @@ class ServerConfig:
     header_timeout: float = 5.0  # a request's headers must arrive within this
     idle_timeout: float = 15.0  # a connection with no request in progress is closed after this
     shutdown_timeout: float = 20.0
+    tls: ServerTls = field(default_factory=ServerTls)
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The nodes of one cluster, tried in order (SPEC §9); one URL for a single broker.
+    urls: tuple[str, ...] = ("amqp://guest:guest@127.0.0.1:5672/",)
     heartbeat: int = 10
     connect_timeout: float = 5.0
     publish_timeout: float = 5.0
@@ -44,6 +73,12 @@ class BrokerConfig:
     exchange: str = "adobe.events"
     unrouted_exchange: str = "adobe.unrouted"
     unrouted_queue: str = "adobe.unrouted"
+    tls: BrokerTls = field(default_factory=BrokerTls)
+
+    @property
+    def url(self) -> str:
+        """The first node's URL (commands that need one broker: tail, declare)."""
+        return self.urls[0]
 
 
 _DEFAULT_BROKER = BrokerConfig()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from functools import partial
 from typing import Any, Final
 
 import aio_pika
@@ -29,12 +30,14 @@ import aio_pika.abc
 import aiormq
 import pamqp.exceptions
 import structlog
-from yarl import URL
 
 from bridge import metrics
 from bridge.channel import PublishChannel, open_channel
 from bridge.config import BrokerConfig
+from bridge.config_links import redact
 from bridge.declare import TopologyMissing, check_topology, declare_topology
+from bridge.nodes import Node, Watchdog
+from bridge.tls import client_context, tls_problem
 from bridge.topology import Topology
 
 log = structlog.get_logger("bridge.publisher")
@@ -58,16 +61,12 @@ _LOOP_MODULES: Final = ("asyncio", "uvloop")
 
 
 def broker_url(config: BrokerConfig) -> str:
-    """The configured URL with our heartbeat, unless the URL sets its own."""
-    url = URL(config.url)
-    if "heartbeat" not in url.query:
-        url = url.update_query(heartbeat=config.heartbeat)
-    return str(url)
+    """The first node's URL with our heartbeat, unless the URL sets its own."""
+    return Node.from_url(config.url, config.heartbeat).url
 
 
 def redacted(url: str) -> str:
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+    return redact(url)
 
 
 class BrokerLink:
@@ -81,7 +80,13 @@ class BrokerLink:
         self._checked_once = False
         # Set when the topology is passive and missing at start-up: `serve` stops on it.
         self.fatal: asyncio.Future[str] | None = None
-        self._url = broker_url(config)
+        self.nodes = [Node.from_url(url, config.heartbeat) for url in config.urls]
+        self._next = 0  # the node tried first at the next connect
+        self.node: Node | None = None  # the node in use while connected
+        self.problem: str | None = None  # why the last attempt failed (/readyz), None once in
+        needs_tls = any(node.tls for node in self.nodes)
+        self._context = client_context(config.tls) if needs_tls else None
+        self._watchdog: Watchdog | None = None
         self._name = connection_name
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
@@ -156,36 +161,53 @@ class BrokerLink:
     async def _supervise(self) -> None:
         delay = FIRST_RETRY_DELAY
         while True:
-            try:
-                await self._connect()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                metrics.BROKER_CONNECTS.labels("failed").inc()
-                if broker_error(exc):
-                    log.warning(
-                        "broker_connect_failed",
-                        url=redacted(self._url),
-                        error=describe(exc),
-                        retry_in=round(delay, 1),
-                    )
-                else:  # a bug: its traceback, then the same retries
-                    log.exception("broker_connect_crashed", retry_in=round(delay, 1))
-                await self._drop()
+            if not await self._connect_any(delay):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._config.reconnect_max_delay)
                 continue
             delay = FIRST_RETRY_DELAY
             await self._lost.wait()
-            log.warning("broker_connection_lost", url=redacted(self._url))
+            log.warning("broker_connection_lost", url=self._shown(), node=self._node_name())
             await self._drop()
 
-    async def _connect(self) -> None:
+    async def _connect_any(self, delay: float) -> bool:
+        """Try each node once, from the one after the node last lost (a node that just failed
+        is tried last); True once connected."""
+        count = len(self.nodes)
+        for step in range(count):
+            index = (self._next + step) % count
+            node = self.nodes[index]
+            try:
+                await self._connect(node)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.BROKER_CONNECTS.labels("failed").inc()
+                self.problem = tls_problem(exc) if node.tls else None
+                self.problem = self.problem or describe(exc)
+                retry = "next node" if step + 1 < count else f"in {delay:.1f} s"
+                if broker_error(exc) or tls_problem(exc):
+                    log.warning(
+                        "broker_connect_failed",
+                        url=node.redacted,
+                        error=self.problem,
+                        retry=retry,
+                    )
+                else:  # a bug: its traceback, then the same retries
+                    log.exception("broker_connect_crashed", url=node.redacted, retry=retry)
+                await self._drop()
+                continue
+            self._next = (index + 1) % count  # after a loss, start with another node
+            return True
+        return False
+
+    async def _connect(self, node: Node) -> None:
         self._lost.clear()
-        connection = await aio_pika.connect(
-            self._url,
-            timeout=self._config.connect_timeout,
-            client_properties={"connection_name": self._name},
+        connection = await node.open(
+            connect_timeout=self._config.connect_timeout,
+            name=self._name,
+            context=self._context,
+            server_name=self._config.tls.server_name,
         )
         self._connection = connection
         connection.close_callbacks.add(self._on_close)
@@ -203,11 +225,27 @@ class BrokerLink:
             if not self._topology.passive:
                 await declare_topology(channel, self._topology)
             self._wire = open_channel(await channel.get_underlay_channel())
-        self._channel = channel
+            watchdog = Watchdog(connection, partial(self._silent, connection))
+            await watchdog.start()
+        self._channel, self._watchdog, self.node, self.problem = channel, watchdog, node, None
         metrics.BROKER_CONNECTS.labels("connected").inc()
         metrics.BROKER_READY.set(1)
+        metrics.broker_node(node.name, [n.name for n in self.nodes])
         self._became_ready.set()
-        log.info("broker_connected", url=redacted(self._url))
+        log.info("broker_connected", url=node.redacted, node=node.name)
+
+    def _silent(self, connection: aio_pika.abc.AbstractConnection, reason: str) -> None:
+        """The watchdog's news: the node in use stopped answering; fail over."""
+        if connection is not self._connection:
+            return
+        log.warning("broker_unresponsive", node=self._node_name(), reason=reason)
+        self._on_close(connection, ConnectionError(f"the broker stopped answering ({reason})"))
+
+    def _node_name(self) -> str | None:
+        return None if self.node is None else self.node.name
+
+    def _shown(self) -> str:
+        return self.nodes[0].redacted if self.node is None else self.node.redacted
 
     def _on_close(self, sender: Any, exc: BaseException | None = None) -> None:
         if sender is not self._channel and sender is not self._connection:
@@ -232,6 +270,10 @@ class BrokerLink:
 
     async def _drop(self) -> None:
         metrics.BROKER_READY.set(0)
+        metrics.broker_node(None, [n.name for n in self.nodes])
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._watchdog, self.node = None, None
         wire, self._wire, self._channel = self._wire, None, None
         if wire is not None:
             # Frames not yet handed to the old connection die with it (its close rejects their

@@ -174,6 +174,14 @@ BROKER_CONNECTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+BROKER_NODE = Gauge(
+    "bridge_broker_node_info",
+    "1 for the broker node (host:port) the publish connection is on, 0 for the other "
+    "configured nodes; all 0 while not connected.",
+    ["node"],
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 PUBLISH_PATH = Gauge(
     "bridge_publish_path",
     "1 for the path publishes take: fast (aiormq's writer and confirm tables) or portable "
@@ -182,6 +190,12 @@ PUBLISH_PATH = Gauge(
     multiprocess_mode="livemax",
     registry=REGISTRY,
 )
+
+
+def broker_node(current: str | None, nodes: list[str]) -> None:
+    """Say which configured node is in use (None: none)."""
+    for name in nodes:
+        BROKER_NODE.labels(name).set(1 if name == current else 0)
 
 
 OTHER = "other"

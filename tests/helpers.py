@@ -23,6 +23,7 @@ from bridge.config import (
     ServerConfig,
     VerificationConfig,
 )
+from bridge.config_links import split_urls
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.rules import default_routes
@@ -48,7 +49,7 @@ def make_config(
     return Config(
         server=dataclasses.replace(ServerConfig(port=0), **server),
         broker=BrokerConfig(
-            url=amqp_url,
+            urls=tuple(split_urls(amqp_url)),
             heartbeat=5,
             connect_timeout=2.0,
             publish_timeout=3.0,

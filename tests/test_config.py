@@ -117,7 +117,7 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
         ),
         (
             "broker:\n  url: http://x\n" + MINIMAL,
-            "broker.url: expected an amqp:// or amqps:// URL with a host, got 'http://x'",
+            "broker.url: expected amqp:// or amqps:// URLs with a host, separated by commas, got 'http://x'",
         ),
         (
             "verification:\n  enabled: maybe\n" + MINIMAL,
@@ -163,7 +163,7 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
         ("server:\n  port: 1\n  port: 2\n" + MINIMAL, "server.port: duplicate key (t.yaml:3)"),
         (
             "broker:\n  url: amqp://h:abc/\n" + MINIMAL,
-            "broker.url: expected an amqp:// or amqps:// URL with a host, got 'amqp://h:abc/'",
+            "broker.url: expected amqp:// or amqps:// URLs with a host, separated by commas, got 'amqp://h:abc/'",
         ),
         (
             "server:\n  shutdown_timeout: 2\n" + MINIMAL,

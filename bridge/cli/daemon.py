@@ -14,6 +14,7 @@ import gc
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -22,15 +23,16 @@ from aiohttp import web
 
 from bridge import tracing
 from bridge.app import PUBLISHER, create_app, reload_config
-from bridge.config import Config, ServerConfig
+from bridge.config import Config, ServerConfig, load_config
 from bridge.connections import (
     ConnectionGuard,
     DescriptorAlarm,
     connection_bound,
     raise_descriptor_limit,
 )
-from bridge.errors import Unavailable, UsageError
+from bridge.errors import ConfigError, Unavailable, UsageError
 from bridge.publisher import AmqpPublisher
+from bridge.tls import reload_server_context, server_context
 from bridge.workers import PARENT_PID, WorkerSpec
 
 log = structlog.get_logger("bridge.cli")
@@ -89,12 +91,18 @@ async def serve(config: Config, path: str, worker: WorkerSpec) -> int:
         "auto_decompress": False,  # bodies are verified as they came: see the receiver
         "lingering_time": 1.0,
     }
+    # HTTPS (SPEC §8): a handshake must end within the headers' time, as a request's headers must.
+    context = server_context(server.tls) if server.tls.enabled else None
     runner = await _set_up(app, server, sockets, handler_args)
     guard = ConnectionGuard(bound, server.header_timeout, server.idle_timeout)
     assert runner.server is not None
     listeners = [
         await loop.create_server(
-            guard.factory(runner.server, **handler_args), sock=sock, backlog=1024
+            guard.factory(runner.server, **handler_args),
+            sock=sock,
+            backlog=1024,
+            ssl=context,
+            ssl_handshake_timeout=server.header_timeout if context is not None else None,
         )
         for sock in sockets
     ]
@@ -102,11 +110,13 @@ async def serve(config: Config, path: str, worker: WorkerSpec) -> int:
         "bridge_listening",
         host=server.host,
         port=sockets[0].getsockname()[1],
+        scheme="https" if context is not None else "http",
+        client_certificates="required" if server.tls.client_ca_file else None,
         config=config.source,
         max_connections=bound,
     )
     watch = asyncio.create_task(alarm.watch(), name="descriptor-watch")
-    signalled, problem = await _until_stopped(app, path, worker)
+    signalled, problem = await _until_stopped(app, path, worker, context)
     watch.cancel()
     log.info("bridge_stopping", signal=signalled, problem=problem)
     for listener in listeners:  # stop accepting; then answer what is in flight
@@ -138,10 +148,10 @@ async def _set_up(
 
 
 async def _until_stopped(
-    app: web.Application, path: str, worker: WorkerSpec
+    app: web.Application, path: str, worker: WorkerSpec, context: ssl.SSLContext | None
 ) -> tuple[str | None, str | None]:
-    """Serve until SIGTERM or SIGINT (SIGHUP reloads the config), a fatal start-up problem, or
-    (a worker) the parent's death; the signal and the problem, if any."""
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads the config, and the HTTPS certificate),
+    a fatal start-up problem, or (a worker) the parent's death; the signal and the problem."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
@@ -152,6 +162,8 @@ async def _until_stopped(
         stop.set()
 
     def on_hangup() -> None:
+        if context is not None:
+            reload_certificate(context, path)
         task = loop.create_task(reload_config(app, path))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -174,6 +186,24 @@ async def _until_stopped(
         fatal.result() if fatal is not None and fatal.done() and not fatal.cancelled() else None
     )
     return (received[0] if received else None), problem
+
+
+def reload_certificate(context: ssl.SSLContext, path: str) -> None:
+    """SIGHUP with HTTPS on: the certificate and key (as the config file names them now) are
+    loaded into the listening context, so the next handshakes present them; connections already
+    open keep theirs. A pair that does not load leaves the running one, with an error line."""
+    try:
+        tls = load_config(path, sections=("server",)).server.tls
+        reload_server_context(context, tls)
+    except ConfigError as exc:
+        log.error(
+            "tls_reload_failed",
+            config=path,
+            problems=exc.problems,
+            action="keeping the running certificate",
+        )
+        return
+    log.info("tls_reloaded", cert_file=tls.cert_file)
 
 
 async def _parent_gone(parent: int, received: list[str]) -> None:

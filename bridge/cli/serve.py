@@ -45,8 +45,10 @@ def worker_count(text: str) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from bridge.config import load_config
+    from bridge.tls import check_tls
 
     config = load_config(args.config)
+    check_tls(config)  # a certificate that does not load: exit 78 now, not in every worker
     import structlog
 
     from bridge import logs
