@@ -92,6 +92,7 @@ class BrokerLink:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._wire: PublishChannel | None = None  # how publishes reach the broker
         self._lost = asyncio.Event()
+        self._silenced = False  # the watchdog, not the broker, ended the connection
         self._became_ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[Any]] = set()
@@ -168,7 +169,8 @@ class BrokerLink:
             delay = FIRST_RETRY_DELAY
             await self._lost.wait()
             log.warning("broker_connection_lost", url=self._shown(), node=self._node_name())
-            await self._drop()
+            # A silent node would not answer a polite close either: do not wait for one.
+            await self._drop(patient=not self._silenced)
 
     async def _connect_any(self, delay: float) -> bool:
         """Try each node once, from the one after the node last lost (a node that just failed
@@ -203,6 +205,7 @@ class BrokerLink:
 
     async def _connect(self, node: Node) -> None:
         self._lost.clear()
+        self._silenced = False
         connection = await node.open(
             connect_timeout=self._config.connect_timeout,
             name=self._name,
@@ -239,6 +242,7 @@ class BrokerLink:
         if connection is not self._connection:
             return
         log.warning("broker_unresponsive", node=self._node_name(), reason=reason)
+        self._silenced = True
         self._on_close(connection, ConnectionError(f"the broker stopped answering ({reason})"))
 
     def _node_name(self) -> str | None:
@@ -268,7 +272,7 @@ class BrokerLink:
                 action="larger events go to the quarantine (a 413 with outbox.mode off)",
             )
 
-    async def _drop(self) -> None:
+    async def _drop(self, patient: bool = True) -> None:
         metrics.BROKER_READY.set(0)
         metrics.broker_node(None, [n.name for n in self.nodes])
         if self._watchdog is not None:
@@ -287,7 +291,7 @@ class BrokerLink:
             closing = asyncio.create_task(connection.close(), name="broker-close")
             self._closing.add(closing)
             closing.add_done_callback(_forget(self._closing))
-            await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+            await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT if patient else 0.0)
         # Forgotten only once closed: close() cancelling the supervisor mid-way closes it again.
         if self._connection is connection:
             self._connection = None
