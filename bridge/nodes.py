@@ -13,6 +13,8 @@ connection). Owns:
   the broker has *blocked* (a memory or disk alarm) is not probed: its silence is the alarm's,
   and another node would be blocked the same (alarms are cluster-wide).
 
+Also :func:`connect_first`, for the commands that need one connection to the cluster.
+
 Does not: retry, choose the next node, or publish.
 """
 
@@ -26,9 +28,13 @@ from typing import Final
 
 import aio_pika
 import aio_pika.abc
+import aio_pika.exceptions
 from yarl import URL
 
 from bridge.config_links import redact
+from bridge.config_types import BrokerConfig
+from bridge.errors import UsageError
+from bridge.tls import client_context, tls_problem
 
 PROBE_INTERVAL: Final = 1.0
 # Longer than any answer of a live node (a quorum queue's re-election delays confirms, not this).
@@ -77,6 +83,28 @@ class Node:
             connection.kwargs["server_hostname"] = server_name
         await connection.connect(timeout=connect_timeout)
         return connection
+
+
+async def connect_first(config: BrokerConfig, name: str) -> aio_pika.abc.AbstractConnection:
+    """A connection to the first node of ``config`` that answers (for commands: ``tail``,
+    ``declare``); :class:`UsageError` with each node's reason when none does."""
+    context = (
+        client_context(config.tls) if any(u.startswith("amqps://") for u in config.urls) else None
+    )
+    reasons: list[str] = []
+    for url in config.urls:
+        node = Node.from_url(url, config.heartbeat)
+        try:
+            return await node.open(
+                connect_timeout=config.connect_timeout,
+                name=name,
+                context=context,
+                server_name=config.tls.server_name,
+            )
+        except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
+            reason = (tls_problem(exc) if node.tls else None) or str(exc) or type(exc).__name__
+            reasons.append(f"{node.redacted}: {reason}")
+    raise UsageError("cannot connect to " + "; nor to ".join(reasons))
 
 
 def blocked(connection: aio_pika.abc.AbstractConnection) -> bool:

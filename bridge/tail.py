@@ -19,7 +19,9 @@ import aio_pika.abc
 import orjson
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from bridge.config_types import BrokerConfig
 from bridge.errors import UsageError
+from bridge.nodes import connect_first
 
 PROPERTIES = ("content_type", "delivery_mode", "message_id", "type", "timestamp", "app_id")
 
@@ -57,7 +59,7 @@ def render(info: dict[str, Any], out: TextIO) -> None:
 
 
 async def tail(
-    url: str,
+    broker: BrokerConfig,
     exchange: str,
     binding_key: str,
     *,
@@ -68,12 +70,7 @@ async def tail(
     """Print messages until ``count`` arrived or ``seconds`` passed (0: no limit)."""
     if not binding_key or len(binding_key.encode("utf-8")) > 255:
         raise UsageError("the binding key must be 1 to 255 bytes")
-    try:
-        connection = await aio_pika.connect(
-            url, timeout=10, client_properties={"connection_name": "bridge-tail"}
-        )
-    except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-        raise UsageError(f"cannot connect to the broker: {exc or type(exc).__name__}") from None
+    connection = await connect_first(broker, "bridge-tail")
     seen = 0
     async with connection:
         channel = await connection.channel()

@@ -380,6 +380,15 @@ def test_declare_without_a_broker_is_one_line() -> None:
     assert line.startswith("events-bridge: cannot connect to amqp://guest:***@127.0.0.1:")
 
 
+def test_declare_tries_every_node_of_a_cluster() -> None:
+    urls = [f"amqp://u:secret{n}@127.0.0.1:{free_port()}/" for n in (1, 2)]
+    result = cli("declare", env={"BRIDGE_AMQP_URL": ",".join(urls)})
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.count("amqp://u:***@127.0.0.1:") == 2, line
+    assert "secret" not in line
+
+
 def test_serving_moves_start_up_objects_out_of_the_collectors_sight() -> None:
     # In a process of its own: collecting and freezing the test process's objects would not do.
     probe = (

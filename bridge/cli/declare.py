@@ -44,17 +44,10 @@ async def _declare(config: Config) -> list[str]:
     import aio_pika
 
     from bridge.declare import check_topology, declare_topology
-    from bridge.link import broker_url, redacted
+    from bridge.nodes import connect_first
 
     topology = config.topology
-    try:
-        connection = await aio_pika.connect(
-            broker_url(config.broker), timeout=config.broker.connect_timeout
-        )
-    except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-        raise UsageError(
-            f"cannot connect to {redacted(config.broker.url)}: {exc or type(exc).__name__}"
-        ) from None
+    connection = await connect_first(config.broker, "events-bridge declare")
     async with connection:
         if topology.passive:
             return await check_topology(connection, topology)

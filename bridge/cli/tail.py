@@ -35,14 +35,13 @@ def add_tail(sub: Subparsers) -> None:
 
 def run_tail(args: argparse.Namespace) -> int:
     from bridge.config import load_config
-    from bridge.link import broker_url
     from bridge.tail import tail
 
     config = load_config(args.config, sections=("broker",))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             tail(
-                broker_url(config.broker),
+                config.broker,
                 config.broker.exchange,
                 args.binding_key,
                 count=args.count,
