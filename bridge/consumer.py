@@ -31,16 +31,28 @@ What it does with each message (``prefetch`` at a time):
 The work queue must exist (the bridge's topology declares it); the helper declares only its retry
 queue. Does not: publish events, or know anything of HTTP.
 
+A stream (``type: stream`` in the topology) is read with ``offset=``: ``"first"``, ``"last"``,
+``"next"``, an offset, a timezone-aware datetime, or how long ago (a timedelta, ``"12h"``), the
+``x-stream-offset`` consumer argument (``bridge.streams``). Reading a stream acks every message
+(an ack is credit there: the stream keeps it) and dead-letters nothing: a failed handler is
+retried in place after ``retry_delay``, up to ``max_attempts``; then, as on
+:class:`PermanentFailure` or a message it cannot decode, the event is skipped (logged with its
+offset, counted in ``counts["skipped"]``) and stays in the stream for a later replay. Each
+:class:`ReceivedEvent` carries its ``offset``; after a reconnect reading resumes at the first
+message not yet handled. Replaying is reading again with a new Consumer. For a stream the
+helper declares nothing.
+
 Traces: where OpenTelemetry is installed (``events-bridge[otel]``), the handler runs inside a
 consumer span that continues the message's ``traceparent`` (set by the bridge: the trace of the
 webhook request that brought the event), from OpenTelemetry's global tracer provider or the one
-given; spans the handler makes are its children. Without a configured SDK the span costs nothing.
+given; spans the handler makes are its children (``bridge.consumer_tracing``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +63,10 @@ import structlog
 
 from bridge.adobe.envelope import parse_delivery
 from bridge.adobe.jobstatus import job_id, job_status
+from bridge.consumer_tracing import consumer_tracing
 from bridge.dedup import RecentIds
 from bridge.errors import BadRequest
+from bridge.streams import StreamOffset, StreamPosition, message_offset
 
 log = structlog.get_logger("bridge.consumer")
 
@@ -90,6 +104,7 @@ class ReceivedEvent:
     headers: dict[str, Any]
     attempt: int  # 1 for the first delivery to the handler, 2 after one retry, ...
     job: JobStatus | None
+    offset: int | None = None  # read from a stream: the message's offset there
 
 
 def _text(value: Any) -> str | None:
@@ -149,6 +164,7 @@ def decode(message: aio_pika.abc.AbstractIncomingMessage) -> ReceivedEvent:
         headers=headers,
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
         job=_job(event.document, event.envelope, headers),
+        offset=message_offset(headers),
     )
 
 
@@ -156,7 +172,8 @@ Handler = Callable[[ReceivedEvent], Awaitable[None]]
 
 
 class Consumer:
-    """Consume one queue with retries, dead-lettering and deduplication (module docstring)."""
+    """Consume one queue with retries, dead-lettering and deduplication, or read a stream from
+    ``offset`` (module docstring)."""
 
     def __init__(
         self,
@@ -170,6 +187,7 @@ class Consumer:
         dedup_size: int = 10_000,
         dedup_seconds: float = 3600.0,
         tracer_provider: Any = None,
+        offset: StreamOffset | None = None,
     ) -> None:
         if max_attempts < 1 or prefetch < 1 or retry_delay < 0:
             raise ValueError("max_attempts and prefetch must be >= 1, retry_delay >= 0")
@@ -177,31 +195,37 @@ class Consumer:
         self.prefetch, self.max_attempts, self.retry_delay = prefetch, max_attempts, retry_delay
         self.retry_queue_name = f"{queue}.retry"
         self.seen = RecentIds(dedup_size, dedup_seconds)
-        self.counts = {"handled": 0, "retried": 0, "dead_lettered": 0, "duplicates": 0}
+        # A stream: where this reader stands (None: a queue, consumed destructively).
+        self.stream = None if offset is None else StreamPosition(offset)
+        given_up = "dead_lettered" if self.stream is None else "skipped"
+        self.counts = {"handled": 0, "retried": 0, given_up: 0, "duplicates": 0}
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._stopped = asyncio.Event()
         self._in_flight: dict[str, asyncio.Future[None]] = {}
-        self._tracing = _consumer_tracing(tracer_provider)
+        self._tracing = consumer_tracing(tracer_provider)
 
     async def start(self) -> None:
-        """Connect, declare the retry queue, and start consuming (returns once consuming)."""
+        """Connect, declare the retry queue (not for a stream), and start consuming (returns
+        once consuming). A stream needs the prefetch (per consumer) and manual acks: both set."""
         self._connection = await aio_pika.connect_robust(
             self.url, client_properties={"connection_name": f"consumer {self.queue_name}"}
         )
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.prefetch)
-        await channel.declare_queue(
-            self.retry_queue_name,
-            durable=True,
-            arguments={
-                "x-message-ttl": int(self.retry_delay * 1000),
-                "x-dead-letter-exchange": "",  # the default exchange: straight back to the queue
-                "x-dead-letter-routing-key": self.queue_name,
-            },
-        )
+        if self.stream is None:
+            await channel.declare_queue(
+                self.retry_queue_name,
+                durable=True,
+                arguments={
+                    "x-message-ttl": int(self.retry_delay * 1000),
+                    "x-dead-letter-exchange": "",  # the default exchange: back to the queue
+                    "x-dead-letter-routing-key": self.queue_name,
+                },
+            )
         queue = await channel.get_queue(self.queue_name, ensure=True)
-        await queue.consume(self._on_message)
+        arguments = None if self.stream is None else self.stream.arguments
+        await queue.consume(self._on_message, arguments=arguments)
         self._channel = channel
 
     async def run(self) -> None:
@@ -222,15 +246,21 @@ class Consumer:
             self._connection = None
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        offset = message_offset(message.headers)
+        if self.stream is not None and not self.stream.take(offset):
+            await message.ack()  # read again after a reconnect: handled already
+            return
         try:
             await self._handle(message)
         except asyncio.CancelledError:
-            raise
+            raise  # a stream's position stays before it: read again after a reconnect
         except Exception as exc:  # noqa: BLE001 - never leave a message unsettled
             # Dead-lettered, not requeued: a requeue would bring it straight back, forever.
             log.error("message_handling_failed", message_id=message.message_id, error=repr(exc))
             with contextlib.suppress(Exception):
                 await message.reject(requeue=False)
+        if self.stream is not None:
+            self.stream.done(offset)
 
     async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
@@ -249,15 +279,35 @@ class Consumer:
         done = asyncio.get_running_loop().create_future()
         self._in_flight[event.event_id] = done
         try:
-            if self._tracing is None:
-                await self._run_handler(message, event)
-            else:
-                with self._tracing.span(self.queue_name, event) as span:
-                    failure = await self._run_handler(message, event)
-                    self._tracing.outcome(span, failure, event.attempt >= self.max_attempts)
+            failure = await self._attempt(message, event)
+            while self._retry_here(event, failure):  # a stream keeps it: retried in place
+                await asyncio.sleep(self.retry_delay)
+                event = dataclasses.replace(event, attempt=event.attempt + 1)
+                failure = await self._attempt(message, event)
         finally:
             del self._in_flight[event.event_id]
             done.set_result(None)
+
+    async def _attempt(
+        self, message: aio_pika.abc.AbstractIncomingMessage, event: ReceivedEvent
+    ) -> Exception | None:
+        if self._tracing is None:
+            return await self._run_handler(message, event)
+        with self._tracing.span(self.queue_name, event) as span:
+            failure = await self._run_handler(message, event)
+            self._tracing.outcome(span, failure, self._outcome(event, failure))
+        return failure
+
+    def _outcome(self, event: ReceivedEvent, failure: Exception | None) -> str:
+        """What became of the event after this attempt: handled, retried, or given up."""
+        if failure is None:
+            return "handled"
+        if event.attempt >= self.max_attempts or isinstance(failure, PermanentFailure):
+            return "dead_lettered" if self.stream is None else "skipped"
+        return "retried"
+
+    def _retry_here(self, event: ReceivedEvent, failure: Exception | None) -> bool:
+        return self.stream is not None and self._outcome(event, failure) == "retried"
 
     async def _run_handler(
         self, message: aio_pika.abc.AbstractIncomingMessage, event: ReceivedEvent
@@ -298,6 +348,9 @@ class Consumer:
             retry_in=self.retry_delay,
             error=repr(exc),
         )
+        if self.stream is not None:  # no retry queue: _handle calls the handler again
+            self.counts["retried"] += 1
+            return
         headers = {
             **event.headers,
             ATTEMPT_HEADER: event.attempt + 1,
@@ -320,53 +373,11 @@ class Consumer:
         await message.ack()
 
     async def _dead_letter(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if self.stream is not None:  # a stream cannot dead-letter: the event stays there
+            self.counts["skipped"] += 1
+            offset = message_offset(message.headers)
+            log.warning("stream_event_skipped", queue=self.queue_name, offset=offset)
+            await message.ack()
+            return
         self.counts["dead_lettered"] += 1
         await message.reject(requeue=False)
-
-
-class _ConsumerTracing:
-    """A consumer span per handled event, continuing the message's ``traceparent``."""
-
-    def __init__(self, provider: Any) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        self.tracer = (provider or trace.get_tracer_provider()).get_tracer("events-bridge.consumer")
-        self.kind, self.error = trace.SpanKind.CONSUMER, trace.StatusCode.ERROR
-        self.propagator = TraceContextTextMapPropagator()
-
-    def outcome(self, span: Any, failure: Exception | None, last: bool) -> None:
-        """What became of the event, on its span: a handler's failure is an error there (the
-        helper caught it to retry or dead-letter, so the span would not see it)."""
-        if failure is None:
-            span.set_attribute("events_bridge.outcome", "handled")
-            return
-        permanent = last or isinstance(failure, PermanentFailure)
-        span.set_attribute("events_bridge.outcome", "dead_lettered" if permanent else "retried")
-        span.record_exception(failure)
-        span.set_status(self.error, type(failure).__name__)
-
-    def span(self, queue: str, event: ReceivedEvent) -> contextlib.AbstractContextManager[Any]:
-        carrier = {
-            k: v for k in ("traceparent", "tracestate") if (v := _text(event.headers.get(k)))
-        }
-        return self.tracer.start_as_current_span(
-            f"{queue} process",
-            context=self.propagator.extract(carrier),
-            kind=self.kind,
-            attributes={
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": queue,
-                "messaging.message.id": event.event_id,
-                "messaging.rabbitmq.destination.routing_key": event.routing_key,
-                "events_bridge.event_code": event.event_code,
-            },
-        )
-
-
-def _consumer_tracing(provider: Any) -> _ConsumerTracing | None:
-    try:
-        return _ConsumerTracing(provider)
-    except ImportError:  # OpenTelemetry is not installed: no spans
-        return None

@@ -13,8 +13,9 @@ A topology::
         - {name: adobe.events, type: topic, alternate_exchange: adobe.unrouted}
         - {name: adobe.unrouted, type: fanout}
       queues:
-        - {name: adobe.unrouted}        # quorum unless type: classic
+        - {name: adobe.unrouted}        # quorum unless type: classic or stream
         - {name: jobs, dead_letter_exchange: jobs.dlx, delivery_limit: 10}
+        - {name: history, type: stream, max_age: 7D, max_length_bytes: 10000000000}
       bindings:
         - {exchange: adobe.unrouted, queue: adobe.unrouted}
         - {exchange: adobe.events, queue: jobs, routing_key: "*.failed"}
@@ -31,9 +32,14 @@ import yaml
 from bridge.yamldoc import Doc, Section, locate
 
 EXCHANGE_TYPES = ("topic", "direct", "fanout", "headers")
-QUEUE_TYPES = ("quorum", "classic")
+QUEUE_TYPES = ("quorum", "classic", "stream")
 OVERFLOWS = ("drop-head", "reject-publish", "reject-publish-dlx")
 AMQP_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,127}$")  # AMQP: exchange names <= 127
+# RabbitMQ's x-max-age (and x-stream-offset interval): a whole number > 0 and one unit.
+MAX_AGE = re.compile(r"[0-9]+[YMDhms]")  # fullmatch
+MAX_AGE_EXPECTED = "a whole number > 0 and a unit: Y, M (30 days), D, h, m or s, as in 7D or 12h"
+_MAX_AGE_SECONDS = {"Y": 365 * 86400, "M": 30 * 86400, "D": 86400, "h": 3600, "m": 60, "s": 1}
+_MAX_SEGMENT_BYTES = 3_000_000_000  # RabbitMQ refuses a larger x-stream-max-segment-size-bytes
 
 _TOPOLOGY_KEYS = {"passive", "exchanges", "queues", "bindings"}
 _EXCHANGE_KEYS = {
@@ -55,8 +61,36 @@ _QUEUE_KEYS = {
     "max_length",
     "overflow",
     "delivery_limit",
+    "max_length_bytes",
+    "max_age",
+    "stream_max_segment_size_bytes",
     "arguments",
 }
+# What a stream refuses (RabbitMQ 3.10 and 4.x answer PRECONDITION_FAILED): the key, and why.
+_NOT_FOR_STREAMS = {
+    "dead_letter_exchange": "streams do not dead-letter: a stream keeps every message",
+    "dead_letter_routing_key": "streams do not dead-letter: a stream keeps every message",
+    "message_ttl_ms": "streams do not expire single messages: use max_age",
+    "max_length": "streams are not limited by message count: use max_length_bytes",
+    "overflow": "streams do not overflow: retention (max_age, max_length_bytes) drops the "
+    "oldest segments",
+}
+_ONLY_FOR_STREAMS = {
+    "max_age": "only streams have max_age (a queue's messages expire with message_ttl_ms)",
+    "stream_max_segment_size_bytes": "only streams have segments",
+}
+STREAM_REFUSED_ARGUMENTS = (
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-delivery-limit",
+    "x-expires",
+    "x-max-length",
+    "x-max-priority",
+    "x-message-ttl",
+    "x-overflow",
+    "x-queue-mode",
+    "x-single-active-consumer",
+)
 _BINDING_KEYS = {"exchange", "queue", "routing_key", "arguments"}
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_TTL_MS = 2**32 - 1
@@ -90,6 +124,9 @@ class QueueSpec:
     max_length: int | None = None
     overflow: str | None = None
     delivery_limit: int | None = None
+    max_length_bytes: int | None = None
+    max_age: str | None = None  # streams: "7D", "12h"... (MAX_AGE)
+    stream_max_segment_size_bytes: int | None = None
     arguments: tuple[tuple[str, Any], ...] = ()
 
     def declare_arguments(self) -> dict[str, Any]:
@@ -101,6 +138,9 @@ class QueueSpec:
             "x-max-length": self.max_length,
             "x-overflow": self.overflow,
             "x-delivery-limit": self.delivery_limit,
+            "x-max-length-bytes": self.max_length_bytes,
+            "x-max-age": self.max_age,
+            "x-stream-max-segment-size-bytes": self.stream_max_segment_size_bytes,
         }
         arguments.update({k: v for k, v in optional.items() if v is not None})
         arguments.update(dict(self.arguments))
@@ -173,8 +213,9 @@ def _queue(doc: Doc, path: str, node: yaml.Node) -> QueueSpec:
     q = doc.mapping(node, path, _QUEUE_KEYS)
     queue_type = q.choice("type", "quorum", QUEUE_TYPES)
     durable = q.boolean("durable", True)
-    if queue_type == "quorum" and not durable:
-        doc.fail(f"{path}.durable", q.items.get("durable"), "quorum queues are always durable")
+    if queue_type != "classic" and not durable:
+        kind = "quorum queues" if queue_type == "quorum" else "streams"
+        doc.fail(f"{path}.durable", q.items.get("durable"), f"{kind} are always durable")
     dlx = q.get("dead_letter_exchange", None, str, 'an exchange name ("" is the default)')
     spec = QueueSpec(
         name=q.string("name", "", AMQP_NAME),
@@ -186,10 +227,16 @@ def _queue(doc: Doc, path: str, node: yaml.Node) -> QueueSpec:
         max_length=_optional_int(q, "max_length"),
         overflow=q.choice("overflow", "", OVERFLOWS) or None,
         delivery_limit=_optional_int(q, "delivery_limit"),
+        max_length_bytes=_optional_range(q, "max_length_bytes", 1, _INT64[1]),
+        max_age=q.get("max_age", None, _max_age, MAX_AGE_EXPECTED),
+        stream_max_segment_size_bytes=_optional_range(
+            q, "stream_max_segment_size_bytes", 1, _MAX_SEGMENT_BYTES
+        ),
         arguments=_arguments(doc, q),
     )
     if not q.has("name"):
         doc.fail(f"{path}.name", node, "required")
+    _check_queue_type(doc, q, spec)
     if spec.delivery_limit is not None and spec.type != "quorum":
         doc.fail(
             f"{path}.delivery_limit",
@@ -230,6 +277,53 @@ def _arguments(doc: Doc, section: Section) -> tuple[tuple[str, Any], ...]:
                 f"expected a string, true/false or a whole number, got {value!r}",
             )
     return tuple(sorted(values.items()))
+
+
+def _check_queue_type(doc: Doc, q: Section, spec: QueueSpec) -> None:
+    """Keys (and arguments) the broker would refuse for this queue's type."""
+    stream = spec.type == "stream"
+    for key, message in (_NOT_FOR_STREAMS if stream else _ONLY_FOR_STREAMS).items():
+        if q.has(key):
+            doc.fail(f"{q.path}.{key}", q.items[key], message)
+    if not stream:
+        return
+    for name, value in spec.arguments:
+        where = locate(q.items.get("arguments"), name)
+        if name in STREAM_REFUSED_ARGUMENTS:
+            doc.fail(f"{q.path}.arguments.{name}", where, "streams refuse this argument")
+        elif name == "x-max-age" and not _is_max_age(value):
+            doc.fail(f"{q.path}.arguments.{name}", where, f"expected {MAX_AGE_EXPECTED}")
+
+
+def max_age_seconds(text: str) -> int:
+    """Seconds in a RabbitMQ max-age (``7D``, ``12h``), as the broker counts them (a month is
+    30 days, a year 365); :class:`ValueError` for anything else (``7d``, ``0D``, ``1.5h``)."""
+    if not MAX_AGE.fullmatch(text) or int(text[:-1]) == 0:
+        raise ValueError(f"expected {MAX_AGE_EXPECTED}, got {text!r}")
+    return int(text[:-1]) * _MAX_AGE_SECONDS[text[-1]]
+
+
+def _max_age(text: str) -> str:
+    max_age_seconds(text)
+    return text
+
+
+def _is_max_age(value: object) -> bool:
+    try:
+        return isinstance(value, str) and max_age_seconds(value) > 0
+    except ValueError:
+        return False
+
+
+def _optional_range(section: Section, key: str, low: int, high: int) -> int | None:
+    def convert(text: str) -> int:
+        value = int(text.replace("_", ""))
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    found: int | None = section.get(key, None, convert, f"a whole number from {low} to {high}")
+    return found
 
 
 def _optional_int(section: Section, key: str) -> int | None:

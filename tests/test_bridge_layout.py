@@ -27,6 +27,7 @@ PURE_CORE = sorted(
         "bridge.message",
         "bridge.routing",
         "bridge.rules",
+        "bridge.streams",
         "bridge.topology",
         "bridge.yamldoc",
     }

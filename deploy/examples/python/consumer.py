@@ -7,6 +7,9 @@ dead letters to `examples.failed-jobs.dead`), binds it to `adobe.events` with `*
 handles each event with retries: a handler that raises is retried after 10 s, three times, then
 dead-lettered.
 In production, declare the queue in the bridge's `topology:` instead and keep only the handler.
+
+With `EXAMPLE_OFFSET` (`first`, `last`, `next`, an offset, `12h`, `2025-01-31T08:00:00Z`) it
+declares nothing and reads `EXAMPLE_QUEUE`, a stream of the bridge's topology, from there.
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ import signal
 import aio_pika
 
 from bridge.consumer import Consumer, PermanentFailure, ReceivedEvent
+from bridge.streams import parse_offset
 
 URL = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 QUEUE = os.environ.get("EXAMPLE_QUEUE") or "examples.failed-jobs"
+OFFSET = parse_offset(os.environ["EXAMPLE_OFFSET"]) if os.environ.get("EXAMPLE_OFFSET") else None
 
 
 async def handle(event: ReceivedEvent) -> None:
     if event.job is None:
         raise PermanentFailure(f"{event.event_code} is not a job-status event")
+    at = "" if event.offset is None else f", offset {event.offset}"
     print(
-        f"job {event.job.job_id} {event.job.status} ({event.event_code}, attempt {event.attempt})",
+        f"job {event.job.job_id} {event.job.status} ({event.event_code}, attempt "
+        f"{event.attempt}{at})",
         flush=True,
     )
     for output in event.job.outputs:
@@ -71,12 +78,16 @@ async def declare_when_ready(seconds: float = 120.0) -> None:
 
 
 async def main() -> None:
-    await declare_when_ready()
-    consumer = Consumer(URL, QUEUE, handle, prefetch=16, max_attempts=3, retry_delay=10)
+    if OFFSET is None:
+        await declare_when_ready()
+    consumer = Consumer(
+        URL, QUEUE, handle, prefetch=16, max_attempts=3, retry_delay=10, offset=OFFSET
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, consumer.stop)
-    print(f"consuming {QUEUE} (bound to adobe.events with '*.failed'); Ctrl-C stops", flush=True)
+    what = "bound to adobe.events with '*.failed'" if OFFSET is None else f"from {OFFSET}"
+    print(f"consuming {QUEUE} ({what}); Ctrl-C stops", flush=True)
     await consumer.run()
     print(f"stopped: {consumer.counts}")
 
