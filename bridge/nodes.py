@@ -151,5 +151,7 @@ class Watchdog:
                     continue
                 self._on_silent(f"no answer to a probe within {PROBE_TIMEOUT:g} s")
                 return
-            except Exception:  # noqa: BLE001 - the channel or connection closed: the link knows
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the probe got no answer
+                if not self._connection.is_closed:  # closed: the link has the news already
+                    self._on_silent(f"the probe failed: {type(exc).__name__}: {exc}")
                 return

@@ -23,7 +23,7 @@ from tests.proxy import Proxy
 
 @pytest.fixture
 async def nodes(amqp_url: str) -> AsyncIterator[list[Proxy]]:
-    host, port = amqp_url.split("@")[1].split("/")[0].rsplit(":", 1)
+    host, port = amqp_url.split("@")[1].split("/", maxsplit=1)[0].rsplit(":", 1)
     proxies = [Proxy(host, int(port)) for _ in range(3)]
     for proxy in proxies:
         await proxy.start()
@@ -118,7 +118,8 @@ async def test_every_node_down_then_one_back(nodes: list[Proxy], publisher_for: 
     await asyncio.sleep(1.5)
     assert not publisher.ready
     assert publisher.node is None
-    assert publisher.problem is not None and "AMQPConnectionError" in publisher.problem
+    assert publisher.problem is not None
+    assert "AMQPConnectionError" in publisher.problem
     nodes[1].up()
     await on_node(publisher, node_name(nodes[1]), 8)
     assert publisher.problem is None
