@@ -132,14 +132,15 @@ def server_tls(section: Section) -> ServerTls:
 
 
 def readable_file(section: Section, key: str) -> str:
-    """A path to a file this process can read, or "" when the value is absent or empty."""
+    """A path to a file this process can read, or "" when the value is absent or empty. A path
+    that cannot be read is a problem (the config is refused), and is returned as given, so that
+    a check pairing it with another key does not call it missing as well."""
     path = _optional(section, key)
     if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
         reason = "not a file" if os.path.exists(path) else "no such file"
         if os.path.isfile(path):
             reason = "not readable by this process"
         section.doc.fail(f"{section.path}.{key}", section.items.get(key), f"{path}: {reason}")
-        return ""
     return path
 
 

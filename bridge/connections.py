@@ -13,7 +13,10 @@ process has, and new connections (Adobe's, ``/healthz``) would fail. Here:
   been waiting for headers or a body the longest (at least :data:`SHED_MIN_AGE`), else is closed
   itself. A request whose body has arrived (``mark_busy``) is never shed;
 - aiohttp's own answers to malformed requests (a bad request line, headers too long) are JSON,
-  as every refusal is.
+  as every refusal is;
+- HTTPS (``server.tls``, :mod:`bridge.https`): a connection is counted from ``accept``, in
+  state ``handshake`` until its TLS handshake is done; it is shed as an idle one is, and closed
+  at ``server.header_timeout``. aiohttp sees it only once it is secure.
 
 Relies on aiohttp's public ``web.RequestHandler``: its constructor (the keywords of
 ``web.AppRunner``), the asyncio protocol methods and ``handle_error``, each override calling the
@@ -27,6 +30,8 @@ import contextlib
 import errno
 import os
 import resource
+import socket
+import ssl
 import time
 from typing import Any, Final
 
@@ -41,20 +46,27 @@ log = structlog.get_logger("bridge.connections")
 SHED_MIN_AGE: Final = 1.0  # seconds a slow reader has had before it may be shed
 RESERVED_DESCRIPTORS: Final = 64  # for the broker, the outbox, key fetches, logs
 
-IDLE, HEADERS, REQUEST, BUSY = "idle", "headers", "request", "busy"
+IDLE, HANDSHAKE, HEADERS, REQUEST, BUSY = "idle", "handshake", "headers", "request", "busy"
 
 
 class ConnectionGuard:
     """Every open connection, its state and its timer; see the module docstring."""
 
-    def __init__(self, max_connections: int, header_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        header_timeout: float,
+        idle_timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.tls = tls  # HTTPS: what new handshakes use (SIGHUP puts a new one here)
         # The open connections by state, each in the order it entered the state (oldest
         # first), so a victim is found at once however many connections there are.
         self.by_state: dict[str, dict[GuardedHandler, None]] = {
-            state: {} for state in (IDLE, HEADERS, REQUEST, BUSY)
+            state: {} for state in (IDLE, HANDSHAKE, HEADERS, REQUEST, BUSY)
         }
         self.count = 0
 
@@ -72,7 +84,9 @@ class ConnectionGuard:
         """Make room for one more connection at the bound; False when nothing can be shed."""
         if self.count < self.max_connections:
             return True
-        victim = next(iter(self.by_state[IDLE]), None)
+        firsts = (next(iter(self.by_state[s]), None) for s in (IDLE, HANDSHAKE))
+        quiet = [c for c in firsts if c is not None]
+        victim = min(quiet, key=lambda c: c.since, default=None)
         if victim is None:
             now = time.monotonic()
             slow = [
@@ -96,6 +110,11 @@ class ConnectionGuard:
             self.count += 1
         metrics.CONNECTIONS_OPEN.set(self.count)
 
+    def close_handshakes(self) -> None:
+        """Stopping: the handshakes still running end now (no new request may start)."""
+        for connection in list(self.by_state[HANDSHAKE]):
+            connection.close_for("stopping")
+
 
 NEW, CLOSING = "new", "closing"  # not counted: not admitted yet, or closed
 
@@ -108,11 +127,21 @@ class GuardedHandler(web.RequestHandler):
         self.guard = guard
         self.state = NEW
         self.since = time.monotonic()
+        self.closed_for: str | None = None  # why the guard closed it, if it did
         self._timer: asyncio.TimerHandle | None = None
+        # HTTPS, until the handshake is done (bridge.https): the accepted socket, while no
+        # transport owns it yet, and the task that runs the handshake.
+        self.handshake_socket: socket.socket | None = None
+        self.handshake: asyncio.Task[Any] | None = None
 
     # -- the asyncio protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state == HANDSHAKE:  # HTTPS: admitted at accept, and secure now
+            self.handshake = None
+            super().connection_made(transport)
+            self._enter(IDLE, self.guard.idle_timeout)
+            return
         super().connection_made(transport)
         if not self.guard.admit():
             self.force_close()
@@ -127,6 +156,16 @@ class GuardedHandler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._leave()
         super().connection_lost(exc)
+
+    def start_handshake(self, sock: socket.socket) -> bool:
+        """HTTPS: count ``sock`` (just accepted) in state ``handshake``; False when the bound
+        leaves no room (``sock`` is closed then)."""
+        if not self.guard.admit():
+            sock.close()
+            return False
+        self.handshake_socket = sock
+        self._enter(HANDSHAKE, self.guard.header_timeout)
+        return True
 
     # -- what the request tells ---------------------------------------------------------------
 
@@ -172,7 +211,7 @@ class GuardedHandler(web.RequestHandler):
         self.guard.move(self, None if self.state == NEW else self.state, state)
         self.state, self.since = state, time.monotonic()
         self._cancel_timer()
-        if timeout is not None and self.transport is not None:
+        if timeout is not None and (self.transport is not None or state == HANDSHAKE):
             self._timer = asyncio.get_running_loop().call_later(
                 timeout, self.close_for, f"{state}_timeout"
             )
@@ -193,8 +232,15 @@ class GuardedHandler(web.RequestHandler):
         """Close the connection now, and stop counting it at once (its ``connection_lost``
         comes a loop turn later: a burst of newcomers must not shed it again)."""
         self._leave()
+        self.closed_for = reason
         metrics.CONNECTIONS_CLOSED.labels(reason).inc()
         log.debug("connection_closed", reason=reason)
+        if self.handshake is not None:  # HTTPS, before aiohttp has the connection
+            self.handshake.cancel()  # closes the transport that owns the socket, if one does
+            self.handshake = None
+        if self.handshake_socket is not None:  # no transport yet: the socket is ours
+            self.handshake_socket.close()
+            self.handshake_socket = None
         self.force_close()
 
 

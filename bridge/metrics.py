@@ -159,7 +159,8 @@ CONNECTIONS_OPEN = Gauge(
 CONNECTIONS_CLOSED = Counter(
     "bridge_connections_closed",
     "HTTP connections the bridge closed, by reason: idle_timeout, headers_timeout, "
-    "shed_idle, shed_headers, shed_request, over_limit, bad_request, body_timeout.",
+    "shed_idle, shed_headers, shed_request, over_limit, bad_request, body_timeout; "
+    "HTTPS: handshake_timeout, shed_handshake, handshake_failed, stopping.",
     ["reason"],
     registry=REGISTRY,
 )

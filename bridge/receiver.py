@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final
@@ -171,7 +172,10 @@ class Receiver:
             notes.append("registrations added, removed or moved to another path: restart")
         merged = {r.name: r for r in self.config.registrations} | {r.name: r for r in kept}
         for name in ("server", "broker", "verification", "outbox", "dedup", "logging", "metrics"):
-            if getattr(config, name) != getattr(self.config, name):
+            new, old = getattr(config, name), getattr(self.config, name)
+            if name == "server":  # its certificate files are reloaded on SIGHUP (the daemon)
+                new = replace(new, tls=old.tls)
+            if new != old:
                 notes.append(f"{name} settings changed: restart to apply them")
         self.intake.reload(config, [merged[n] for n in paths])
         return notes

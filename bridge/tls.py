@@ -3,8 +3,8 @@ with, the one the webhook port serves HTTPS with, and a failed handshake said in
 
 Owns: building both contexts from the config (TLS 1.2 at least; the system's CAs unless
 ``broker.tls.ca_file``; a client certificate when one is configured; on the server,
-``CERT_REQUIRED`` from ``server.tls.client_ca_file`` for Adobe's mTLS option), reloading the
-server's certificate and key in place on SIGHUP (new handshakes get them, open connections keep
+``CERT_REQUIRED`` from ``server.tls.client_ca_file`` for Adobe's mTLS option, which alone is
+trusted then), a new server context on SIGHUP (new handshakes get it, open connections keep
 theirs), and :func:`tls_problem`, which turns OpenSSL's reasons into one sentence for the log
 and ``/readyz``. A certificate or key that cannot be loaded is a :class:`ConfigError` naming
 the key and file (exit 78 at start-up).
@@ -38,6 +38,13 @@ _REASONS: Final = (
     (
         "certificate required",
         "the broker requires a client certificate (broker.tls.cert_file, key_file)",
+    ),
+    # TLS 1.2: a broker that requires a client certificate ends the handshake with this alert
+    # when none comes (RabbitMQ's fail_if_no_peer_cert); TLS 1.3 says "certificate required".
+    (
+        "alert handshake failure",
+        "the broker refused the handshake: it requires a client certificate "
+        "(broker.tls.cert_file, key_file), or shares no TLS version or cipher with us",
     ),
     ("unknown ca", "the broker does not trust our client certificate's CA"),
     ("bad certificate", "the broker refused our client certificate"),
@@ -74,18 +81,19 @@ def server_context(tls: ServerTls) -> ssl.SSLContext:
     return context
 
 
-def reload_server_context(context: ssl.SSLContext, tls: ServerTls) -> None:
-    """Load the certificate and key again into ``context``: handshakes from now on present the
-    new pair; connections already open are not touched. A pair that does not load leaves the
-    old one in place (:class:`ConfigError` says why)."""
-    if not tls.enabled:
+def reload_server_context(tls: ServerTls, running: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """SIGHUP: a new context from the files as they are now, for the listener to use instead of
+    ``running`` (handshakes from then on present the new pair; connections already open keep
+    theirs); None when HTTPS is off and stays off. Files that do not load raise
+    :class:`ConfigError`, and the running context is untouched: loading a pair into it in place
+    would not do, as OpenSSL takes the new certificate, drops the old key, then fails on a
+    broken key, leaving a context that completes no handshake. A new context also forgets a
+    client CA the config no longer names."""
+    if running is None and tls.enabled:
+        raise ConfigError(["server.tls: HTTPS cannot be turned on by a reload: restart"])
+    if running is not None and not tls.enabled:
         raise ConfigError(["server.tls: HTTPS cannot be turned off by a reload: restart"])
-    _load_pair(context, "server.tls", tls.cert_file, tls.key_file)
-    if tls.client_ca_file:
-        try:
-            context.load_verify_locations(cafile=tls.client_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise _unusable("server.tls.client_ca_file", tls.client_ca_file, exc) from None
+    return server_context(tls) if tls.enabled else None
 
 
 def check_tls(config: Config) -> None:
@@ -119,17 +127,42 @@ def tls_problem(exc: BaseException) -> str | None:
 
 
 def _load_pair(context: ssl.SSLContext, section: str, cert_file: str, key_file: str) -> None:
+    """Load a certificate and its key; a problem names the file at fault. An encrypted key is
+    refused at once (OpenSSL would otherwise ask for its passphrase on the terminal)."""
     try:
-        context.load_cert_chain(cert_file, key_file or None)
-    except ssl.SSLError as exc:
+        context.load_cert_chain(cert_file, key_file or None, password=_no_passphrase)
+    except _Encrypted:
         raise ConfigError(
             [
-                f"{section}.cert_file: {cert_file} and {section}.key_file: {key_file} "
-                f"are not a PEM certificate and its private key ({exc.reason or exc})"
+                f"{section}.key_file: {key_file or cert_file}: an encrypted private key "
+                "(there is no passphrase setting: give the key unencrypted)"
             ]
         ) from None
+    except ssl.SSLError as exc:
+        raise ConfigError([_pair_problem(section, cert_file, key_file, exc)]) from None
     except OSError as exc:
         raise _unusable(f"{section}.cert_file", cert_file, exc) from None
+
+
+class _Encrypted(Exception):
+    """The private key asked for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
+def _pair_problem(section: str, cert_file: str, key_file: str, exc: ssl.SSLError) -> str:
+    """Which of the two files :meth:`ssl.SSLContext.load_cert_chain` could not use, and why."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        probe.load_verify_locations(cafile=cert_file)
+    except (OSError, ssl.SSLError):
+        return f"{section}.cert_file: {cert_file}: not a PEM certificate"
+    key = key_file or cert_file
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{section}.key_file: {key}: not the private key of {section}.cert_file {cert_file}"
+    return f"{section}.key_file: {key}: not a PEM private key"
 
 
 def _unusable(key: str, path: str, exc: BaseException) -> ConfigError:

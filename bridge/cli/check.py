@@ -22,11 +22,19 @@ def add_check_config(sub: Subparsers) -> None:
 def run_check_config(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.link import redacted
+    from bridge.tls import check_tls
 
     config = load_config(args.config)
+    check_tls(config)  # certificates, keys and CA bundles that do not load, as `serve` does
     regs = ", ".join(f"{r.name} at {r.path}" for r in config.registrations)
+    server, tls = config.server, config.server.tls
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    listen = f"{'https' if tls.enabled else 'http'}://{host}:{server.port}"
+    if tls.client_ca_file:
+        listen += " (client certificates required)"
     print(
         f"{args.config}: valid ({len(config.registrations)} registration(s): {regs}; "
-        f"broker {redacted(config.broker.url)}; key base {config.verification.key_base_url})"
+        f"listening {listen}; broker {redacted(config.broker.url)}; "
+        f"key base {config.verification.key_base_url})"
     )
     return 0

@@ -2,9 +2,11 @@
 
 In order: the sockets are bound (a second daemon on the same port stops there), the application
 is built and set up (the outbox folder's lock, the broker connection), the sockets listen, and
-the process serves until SIGTERM or SIGINT (SIGHUP reloads the config), a fatal start-up problem,
-or (a worker) its parent's death. Then the listeners close, the requests in flight are answered,
-and the application's resources are closed (:mod:`bridge.app`). Only ``serve`` imports this.
+the process serves until SIGTERM or SIGINT (SIGHUP reloads the config, and the HTTPS certificate),
+a fatal start-up problem, or (a worker) its parent's death. Then the listeners close, the
+requests in flight are answered, and the application's resources are closed (:mod:`bridge.app`).
+With HTTPS, :mod:`bridge.https` accepts on the sockets instead of ``loop.create_server``, so that
+handshakes are under the connection guard too. Only ``serve`` imports this.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import gc
 import os
 import signal
 import socket
-import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -31,6 +32,7 @@ from bridge.connections import (
     raise_descriptor_limit,
 )
 from bridge.errors import ConfigError, Unavailable, UsageError
+from bridge.https import HttpsListener
 from bridge.publisher import AmqpPublisher
 from bridge.tls import reload_server_context, server_context
 from bridge.workers import PARENT_PID, WorkerSpec
@@ -91,19 +93,16 @@ async def serve(config: Config, path: str, worker: WorkerSpec) -> int:
         "auto_decompress": False,  # bodies are verified as they came: see the receiver
         "lingering_time": 1.0,
     }
-    # HTTPS (SPEC §8): a handshake must end within the headers' time, as a request's headers must.
+    # HTTPS (SPEC §8): the guard runs the handshakes, which must end within header_timeout.
     context = server_context(server.tls) if server.tls.enabled else None
     runner = await _set_up(app, server, sockets, handler_args)
-    guard = ConnectionGuard(bound, server.header_timeout, server.idle_timeout)
+    guard = ConnectionGuard(bound, server.header_timeout, server.idle_timeout, tls=context)
     assert runner.server is not None
-    listeners = [
-        await loop.create_server(
-            guard.factory(runner.server, **handler_args),
-            sock=sock,
-            backlog=1024,
-            ssl=context,
-            ssl_handshake_timeout=server.header_timeout if context is not None else None,
-        )
+    factory = guard.factory(runner.server, **handler_args)
+    listeners: list[asyncio.AbstractServer | HttpsListener] = [
+        await loop.create_server(factory, sock=sock, backlog=1024)
+        if context is None
+        else HttpsListener(guard, factory, sock, backlog=1024)
         for sock in sockets
     ]
     log.info(
@@ -116,11 +115,11 @@ async def serve(config: Config, path: str, worker: WorkerSpec) -> int:
         max_connections=bound,
     )
     watch = asyncio.create_task(alarm.watch(), name="descriptor-watch")
-    signalled, problem = await _until_stopped(app, path, worker, context)
+    signalled, problem = await _until_stopped(app, path, worker, guard)
     watch.cancel()
     log.info("bridge_stopping", signal=signalled, problem=problem)
-    for listener in listeners:  # stop accepting; then answer what is in flight
-        listener.close()
+    for listener in listeners:  # stop accepting (HTTPS: and end the handshakes under way);
+        listener.close()  # then answer what is in flight
     # Lets in-flight requests finish (shutdown_timeout), then cleanup_ctx.
     await runner.cleanup()
     if problem is not None:
@@ -148,7 +147,7 @@ async def _set_up(
 
 
 async def _until_stopped(
-    app: web.Application, path: str, worker: WorkerSpec, context: ssl.SSLContext | None
+    app: web.Application, path: str, worker: WorkerSpec, guard: ConnectionGuard
 ) -> tuple[str | None, str | None]:
     """Serve until SIGTERM or SIGINT (SIGHUP reloads the config, and the HTTPS certificate),
     a fatal start-up problem, or (a worker) the parent's death; the signal and the problem."""
@@ -162,8 +161,7 @@ async def _until_stopped(
         stop.set()
 
     def on_hangup() -> None:
-        if context is not None:
-            reload_certificate(context, path)
+        reload_certificate(guard, path)
         task = loop.create_task(reload_config(app, path))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -188,22 +186,31 @@ async def _until_stopped(
     return (received[0] if received else None), problem
 
 
-def reload_certificate(context: ssl.SSLContext, path: str) -> None:
-    """SIGHUP with HTTPS on: the certificate and key (as the config file names them now) are
-    loaded into the listening context, so the next handshakes present them; connections already
-    open keep theirs. A pair that does not load leaves the running one, with an error line."""
+def reload_certificate(guard: ConnectionGuard, path: str) -> None:
+    """SIGHUP: with HTTPS on, a new context from the certificate, key and client CA the config
+    file names now replaces the guard's, so the next handshakes present them; connections already
+    open keep theirs. Files that do not load leave the running context, with an error line. With
+    HTTPS off, a config that turns it on is said to need a restart (a config that does not load
+    at all is ``config_reload_failed``'s to say)."""
     try:
         tls = load_config(path, sections=("server",)).server.tls
-        reload_server_context(context, tls)
     except ConfigError as exc:
-        log.error(
-            "tls_reload_failed",
-            config=path,
-            problems=exc.problems,
-            action="keeping the running certificate",
-        )
+        if guard.tls is not None:
+            _tls_reload_failed(path, exc.problems)
         return
-    log.info("tls_reloaded", cert_file=tls.cert_file)
+    try:
+        context = reload_server_context(tls, guard.tls)
+    except ConfigError as exc:
+        _tls_reload_failed(path, exc.problems, running=guard.tls is not None)
+        return
+    if context is not None:
+        guard.tls = context
+        log.info("tls_reloaded", cert_file=tls.cert_file, key_file=tls.key_file)
+
+
+def _tls_reload_failed(path: str, problems: list[str], running: bool = True) -> None:
+    action = "keeping the running certificate" if running else "serving plain HTTP"
+    log.error("tls_reload_failed", config=path, problems=problems, action=action)
 
 
 async def _parent_gone(parent: int, received: list[str]) -> None:

@@ -16,9 +16,10 @@ def add_serve(sub: Subparsers) -> None:
     p = sub.add_parser(
         "serve",
         help="run the daemon",
-        description="Serve the webhook endpoints until SIGTERM or Ctrl-C. "
-        "Answers 503 until the broker is reachable; never exits for it. "
-        "SIGHUP reloads routes and topology from the config file.",
+        description="Serve the webhook endpoints until SIGTERM or Ctrl-C. Answers 503 until the\n"
+        "broker is reachable; never exits for it. SIGHUP reloads routes and topology.\n"
+        "HTTPS with server.tls.cert_file and key_file, mTLS (a client certificate required)\n"
+        "with server.tls.client_ca_file; SIGHUP reloads the HTTPS certificate and key too.",
         epilog=QUICK_START,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

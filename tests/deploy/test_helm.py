@@ -11,6 +11,7 @@ Helm v4's own Go SDK, so `tpl`, `fail` and sprig behave as in `helm template`.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "secret-created": {
         "secret": {"create": True, "amqpUrl": "amqp://u:p@rabbit:5672/", "clientIds": "a,b"}
     },
+    "ci-https": ci_values("https-values.yaml"),
+    "https-statefulset": {
+        "tls": {"server": {"secretName": "webhook-tls"}},
+        "persistence": {"enabled": True},
+    },
     "workers-otel-config": {
         "bridge": {"workers": 3, "env": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4318"}},
         "config": {"bridgeYaml": "server: {port: 8080}\n"},
@@ -129,7 +135,9 @@ def test_chart_versions_follow_the_package() -> None:
     assert container["imagePullPolicy"] == "IfNotPresent"
 
 
-@pytest.mark.parametrize("values_file", [None, "sidecar-values.yaml", "native-sidecar-values.yaml"])
+@pytest.mark.parametrize(
+    "values_file", [None, "sidecar-values.yaml", "native-sidecar-values.yaml", "https-values.yaml"]
+)
 def test_lint_strict_finds_nothing(values_file: str | None) -> None:
     values = ci_values(values_file) if values_file else None
     report = helm_python.lint(CHART, values, strict=True, kube_version=f"v{KUBERNETES}")
@@ -476,8 +484,141 @@ def test_service_monitor() -> None:
         ({"secret": {"create": True, "amqpUrl": "u"}}, "needs secret.clientIds"),
         ({"sidecar": {"enabled": True}}, "needs sidecar.containers"),
         ({"bridge": {"env": {"BRIDGE_DRAIN_SECONDS": "3"}}}, "bridge.drainSeconds"),
+        (
+            {"tls": {"server": {"clientCa": True}}},
+            "tls.server.clientCa needs tls.server.secretName",
+        ),
+        ({"tls": {"broker": {"secretName": "s", "ca": False}}}, "set tls.broker.ca or"),
     ],
-    ids=["claim-replicas", "two-secrets", "no-url", "no-ids", "no-app", "drain-in-env"],
+    ids=[
+        "claim-replicas",
+        "two-secrets",
+        "no-url",
+        "no-ids",
+        "no-app",
+        "drain-in-env",
+        "mtls-without-https",
+        "broker-secret-unused",
+    ],
 )
 def test_values_that_cannot_work_fail_the_render(values: dict[str, Any], message: str) -> None:
     assert message in render_error(values)
+
+
+# -- TLS (SPEC §8): each side from a Secret, mounted read-only; the probes follow HTTPS ----------
+
+SHIPPED_VARIABLES = set(
+    re.findall(r"\$\{(BRIDGE_[A-Z_]+)", (ROOT / "config/bridge.yaml").read_text())
+)
+
+
+def tls_mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container["volumeMounts"] if "/ssl/" in m["mountPath"]}
+
+
+def test_https_on_the_webhook_port_from_a_tls_secret() -> None:
+    manifests = render({"tls": {"server": {"secretName": "webhook-tls"}}})
+    spec = pod_spec(manifests)
+    container = bridge_container(spec)
+    env = env_of(container)
+    assert env["BRIDGE_TLS_CERT_FILE"] == "/etc/ssl/events-bridge/server/tls.crt"
+    assert env["BRIDGE_TLS_KEY_FILE"] == "/etc/ssl/events-bridge/server/tls.key"
+    assert "BRIDGE_TLS_CLIENT_CA_FILE" not in env
+    assert not {name for name in env if name.startswith("BRIDGE_AMQP_") and name.endswith("_FILE")}
+    (mount,) = tls_mounts(container).values()
+    assert (mount["mountPath"], mount["readOnly"]) == ("/etc/ssl/events-bridge/server", True)
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert volume["secret"] == {"secretName": "webhook-tls", "defaultMode": 0o440}
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": 8080, "scheme": "HTTPS"}
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    notes = helm_python.Chart.load(CHART).render(
+        {"tls": {"server": {"secretName": "webhook-tls"}}}, name=RELEASE, namespace="ns"
+    )
+    assert "HTTPS" in next(text for path, text in notes.items() if path.endswith("NOTES.txt"))
+
+
+def test_mtls_asks_for_client_certificates_and_the_probes_present_one() -> None:
+    """kubelet's HTTP probes cannot show a client certificate: under mTLS they run the image's
+    healthcheck, which presents the Secret's probe certificate over HTTPS."""
+    values = {"tls": {"server": {"secretName": "webhook-tls", "clientCa": True}}}
+    container = bridge_container(pod_spec(render(values)))
+    env = env_of(container)
+    assert env["BRIDGE_TLS_CLIENT_CA_FILE"] == "/etc/ssl/events-bridge/server/ca.crt"
+    assert env["BRIDGE_HEALTHCHECK_CERT_FILE"] == "/etc/ssl/events-bridge/server/probe.crt"
+    assert env["BRIDGE_HEALTHCHECK_KEY_FILE"] == "/etc/ssl/events-bridge/server/probe.key"
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert "httpGet" not in container[probe]
+        assert container[probe]["exec"]["command"] == [
+            "/usr/local/bin/events-bridge-healthcheck",
+            path,
+        ]
+    healthcheck = (ROOT / "deploy" / "container" / "healthcheck").read_text()
+    assert all(name in healthcheck for name in env if name.startswith("BRIDGE_HEALTHCHECK_"))
+
+
+@pytest.mark.parametrize(
+    ("broker", "expected"),
+    [
+        ({}, {"BRIDGE_AMQP_CA_FILE": "ca.crt"}),
+        (
+            {"clientCertificate": True},
+            {"BRIDGE_AMQP_CA_FILE": "ca.crt", "BRIDGE_AMQP_CERT_FILE": "tls.crt"}
+            | {"BRIDGE_AMQP_KEY_FILE": "tls.key"},
+        ),
+        (
+            {"ca": False, "clientCertificate": True},
+            {"BRIDGE_AMQP_CERT_FILE": "tls.crt", "BRIDGE_AMQP_KEY_FILE": "tls.key"},
+        ),
+    ],
+    ids=["ca", "ca-and-client-certificate", "client-certificate-system-cas"],
+)
+def test_broker_tls_files_come_from_a_secret(
+    broker: dict[str, Any], expected: dict[str, str]
+) -> None:
+    spec = pod_spec(render({"tls": {"broker": {"secretName": "amqp-tls", **broker}}}))
+    container = bridge_container(spec)
+    env = env_of(container)
+    found = {k: v for k, v in env.items() if k.startswith("BRIDGE_AMQP_") and k.endswith("_FILE")}
+    assert found == {k: f"/etc/ssl/events-bridge/broker/{v}" for k, v in expected.items()}
+    assert "BRIDGE_TLS_CERT_FILE" not in env
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    (mount,) = tls_mounts(container).values()
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == "amqp-tls"
+
+
+def test_tls_variables_are_the_ones_the_shipped_config_reads() -> None:
+    values = {
+        "tls": {
+            "server": {"secretName": "w", "clientCa": True},
+            "broker": {"secretName": "b", "clientCertificate": True},
+        }
+    }
+    env = env_of(bridge_container(pod_spec(render(values))))
+    files = {name for name in env if name.endswith("_FILE")}
+    assert len(files) == 8
+    assert files - {"BRIDGE_HEALTHCHECK_CERT_FILE", "BRIDGE_HEALTHCHECK_KEY_FILE"} <= (
+        SHIPPED_VARIABLES
+    )
+
+
+def test_an_operators_env_replaces_a_tls_variable() -> None:
+    values = {
+        "tls": {"server": {"secretName": "w"}},
+        "bridge": {"env": {"BRIDGE_TLS_CERT_FILE": "/etc/ssl/events-bridge/server/chain.pem"}},
+    }
+    env = env_of(bridge_container(pod_spec(render(values))))
+    assert env["BRIDGE_TLS_CERT_FILE"] == "/etc/ssl/events-bridge/server/chain.pem"
+
+
+def test_service_monitor_scrapes_https_when_the_pods_serve_it() -> None:
+    tls_config = {"ca": {"secret": {"name": "webhook-tls", "key": "ca.crt"}}, "serverName": "x"}
+    values = {
+        "tls": {"server": {"secretName": "webhook-tls"}},
+        "metrics": {"serviceMonitor": {"enabled": True, "tlsConfig": tls_config}},
+    }
+    (endpoint,) = only(render(values), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == tls_config

@@ -246,3 +246,22 @@ def test_example_environment_file(unit: Unit) -> None:
     referenced = set(re.findall(r"\$\{(BRIDGE_[A-Z_]+)", SHIPPED_CONFIG.read_text()))
     documented = set(re.findall(r"\b(BRIDGE_[A-Z_]+)=", ENV_FILE.read_text()))
     assert (documented - {"BRIDGE_WORKERS"}) <= referenced  # no variable the config ignores
+
+
+def test_the_env_file_shows_every_tls_variable_commented_out() -> None:
+    """HTTPS and amqps:// are opt-in: each file variable of SPEC §8 is in the example, off."""
+    wanted = {
+        name
+        for name in re.findall(r"\$\{(BRIDGE_[A-Z_]+)", SHIPPED_CONFIG.read_text())
+        if name.endswith("_FILE")
+    }
+    assert wanted == {
+        "BRIDGE_TLS_CERT_FILE",
+        "BRIDGE_TLS_KEY_FILE",
+        "BRIDGE_TLS_CLIENT_CA_FILE",
+        "BRIDGE_AMQP_CA_FILE",
+        "BRIDGE_AMQP_CERT_FILE",
+        "BRIDGE_AMQP_KEY_FILE",
+    }
+    commented = set(re.findall(r"^#(BRIDGE_[A-Z_]+)=\S+$", ENV_FILE.read_text(), re.MULTILINE))
+    assert wanted <= commented

@@ -107,6 +107,64 @@ after the app has exited, so the app's time adds up; regular containers stop sid
 {{- if and .Values.sidecar.enabled (not .Values.sidecar.containers) }}
 {{- fail "sidecar.enabled needs sidecar.containers: your app's containers" }}
 {{- end }}
+{{- if and .Values.tls.server.clientCa (not .Values.tls.server.secretName) }}
+{{- fail "tls.server.clientCa needs tls.server.secretName: client certificates are asked for over HTTPS" }}
+{{- end }}
+{{- with .Values.tls.broker }}
+{{- if and .secretName (not .ca) (not .clientCertificate) }}
+{{- fail "tls.broker.secretName: set tls.broker.ca or tls.broker.clientCertificate (or neither the Secret)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Where the TLS Secrets are mounted (read-only). */}}
+{{- define "events-bridge.tlsDir" -}}/etc/ssl/events-bridge/{{ . }}{{- end }}
+
+{{/* The environment for TLS (SPEC §8): the files of the mounted Secrets, as the shipped config reads them. */}}
+{{- define "events-bridge.tlsEnv" -}}
+{{- $env := dict }}
+{{- $server := include "events-bridge.tlsDir" "server" }}
+{{- $broker := include "events-bridge.tlsDir" "broker" }}
+{{- with .Values.tls.server }}
+{{- if .secretName }}
+{{- $_ := set $env "BRIDGE_TLS_CERT_FILE" (printf "%s/tls.crt" $server) }}
+{{- $_ := set $env "BRIDGE_TLS_KEY_FILE" (printf "%s/tls.key" $server) }}
+{{- if .clientCa }}
+{{- $_ := set $env "BRIDGE_TLS_CLIENT_CA_FILE" (printf "%s/ca.crt" $server) }}
+{{- $_ := set $env "BRIDGE_HEALTHCHECK_CERT_FILE" (printf "%s/probe.crt" $server) }}
+{{- $_ := set $env "BRIDGE_HEALTHCHECK_KEY_FILE" (printf "%s/probe.key" $server) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.tls.broker }}
+{{- if and .secretName .ca }}
+{{- $_ := set $env "BRIDGE_AMQP_CA_FILE" (printf "%s/ca.crt" $broker) }}
+{{- end }}
+{{- if and .secretName .clientCertificate }}
+{{- $_ := set $env "BRIDGE_AMQP_CERT_FILE" (printf "%s/tls.crt" $broker) }}
+{{- $_ := set $env "BRIDGE_AMQP_KEY_FILE" (printf "%s/tls.key" $broker) }}
+{{- end }}
+{{- end }}
+{{- toJson $env }}
+{{- end }}
+
+{{/*
+A probe of `path`: HTTP, HTTPS with tls.server (kubelet does not verify), or under mTLS the
+image's healthcheck, which presents the probe certificate (kubelet's HTTP probes cannot).
+*/}}
+{{- define "events-bridge.probe" -}}
+{{- $tls := .root.Values.tls.server }}
+{{- if and $tls.secretName $tls.clientCa }}
+exec:
+  command: [/usr/local/bin/events-bridge-healthcheck, {{ .path }}]
+{{- else }}
+httpGet:
+  path: {{ .path }}
+  port: {{ .root.Values.bridge.port | int }}
+  {{- if $tls.secretName }}
+  scheme: HTTPS
+  {{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The bridge's environment: what the shipped config reads. */}}
@@ -137,6 +195,7 @@ after the app has exited, so the app's time adds up; regular containers stop sid
   "BRIDGE_OUTBOX_DIR" "/var/lib/events-bridge/outbox"
   "BRIDGE_LOG_FORMAT" $b.logFormat
 }}
+{{- $plain = merge $plain (include "events-bridge.tlsEnv" . | fromJson) }}
 {{- range $name, $value := merge (deepCopy $b.env) $plain }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
@@ -189,13 +248,13 @@ after the app has exited, so the app's time adds up; regular containers stop sid
     seccompProfile:
       type: RuntimeDefault
   startupProbe:
-    httpGet: {path: /healthz, port: {{ $b.port | int }}}
+    {{- include "events-bridge.probe" (dict "root" . "path" "/healthz") | nindent 4 }}
     {{- toYaml .Values.startupProbe | nindent 4 }}
   livenessProbe:
-    httpGet: {path: /healthz, port: {{ $b.port | int }}}
+    {{- include "events-bridge.probe" (dict "root" . "path" "/healthz") | nindent 4 }}
     {{- toYaml .Values.livenessProbe | nindent 4 }}
   readinessProbe:
-    httpGet: {path: /readyz, port: {{ $b.port | int }}}
+    {{- include "events-bridge.probe" (dict "root" . "path" "/readyz") | nindent 4 }}
     {{- toYaml .Values.readinessProbe | nindent 4 }}
   {{- if gt (int $b.preStopSleepSeconds) 0 }}
   lifecycle:
@@ -213,6 +272,13 @@ after the app has exited, so the app's time adds up; regular containers stop sid
       mountPath: /var/lib/events-bridge/outbox
     - name: events-bridge-tmp
       mountPath: /tmp
+    {{- range $side := list "server" "broker" }}
+    {{- if (index $.Values.tls $side).secretName }}
+    - name: events-bridge-tls-{{ $side }}
+      mountPath: {{ include "events-bridge.tlsDir" $side }}
+      readOnly: true
+    {{- end }}
+    {{- end }}
 {{- end }}
 
 {{/* The Pod template (metadata and spec) shared by the Deployment and the StatefulSet. */}}
@@ -287,6 +353,14 @@ spec:
     - name: events-bridge-tmp
       emptyDir:
         sizeLimit: {{ .Values.persistence.tmpSizeLimit }}
+    {{- range $side := list "server" "broker" }}
+    {{- with (index $.Values.tls $side).secretName }}
+    - name: events-bridge-tls-{{ $side }}
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0440  # the daemon's group (fsGroup) reads them; nobody writes them
+    {{- end }}
+    {{- end }}
     {{- with .Values.sidecar.volumes }}
     {{- if $.Values.sidecar.enabled }}
     {{- tpl (toYaml .) $ | nindent 4 }}
