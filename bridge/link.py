@@ -1,8 +1,9 @@
 """The broker link: one connection and publish channel, kept by a supervisor.
 
 Part of the deliver step, under ``bridge.publisher`` (which publishes on it). The supervisor
-task (re)connects with backoff, declares the topology on every connect (``bridge.declare``), and
-notices a lost connection or channel. aio-pika's defaults are unsafe for us, so each is set on
+task (re)connects with backoff to the first node that answers (``bridge.nodes``), declares the
+topology at start and again, beside the publishing, after every reconnect (``bridge.declare``),
+and notices a lost connection or channel, or a node that stopped answering. aio-pika's defaults are unsafe for us, so each is set on
 purpose (the README, "Delivery semantics"):
 
 - no robust connection: its publish waits for a reconnect without bound. While the supervisor
@@ -44,6 +45,7 @@ log = structlog.get_logger("bridge.publisher")
 
 FIRST_RETRY_DELAY = 0.2
 CLOSE_TIMEOUT = 2.0
+REDECLARE_TIMEOUT = 60.0  # after a reconnect, declarations run beside the publishing
 # RabbitMQ's words when a message is over its max_message_size (rabbit_channel:check_msg_size).
 _MAX_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 # What the broker or the network may raise: a 503, and the connection is made again. Anything
@@ -214,28 +216,69 @@ class BrokerLink:
         )
         self._connection = connection
         connection.close_callbacks.add(self._on_close)
+        first = not self._checked_once
         async with asyncio.timeout(self._config.connect_timeout * 2):
-            if self._topology.passive:
-                missing = await check_topology(connection, self._topology)
-                if missing:
-                    message = ", ".join(missing) + " missing on the broker (topology.passive)"
-                    if not self._checked_once and self.fatal and not self.fatal.done():
-                        self.fatal.set_result(message)
-                    raise TopologyMissing(message)
-            self._checked_once = True
+            if first:  # at start: declared (or checked) before anything is published
+                try:
+                    await self._declare(connection)
+                except TopologyMissing as exc:
+                    if self.fatal and not self.fatal.done():
+                        self.fatal.set_result(str(exc))
+                    raise
+                self._checked_once = True
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(self._on_close)
-            if not self._topology.passive:
-                await declare_topology(channel, self._topology)
             self._wire = open_channel(await channel.get_underlay_channel())
             watchdog = Watchdog(connection, partial(self._silent, connection))
             await watchdog.start()
+        if not first:
+            # Again on every reconnect, but beside the publishing: a node of a cluster that has
+            # lost another node (cut off, not yet known dead) can hold a declaration for a
+            # minute, while its publishes are confirmed within seconds.
+            again = asyncio.create_task(self._declare_again(connection), name="broker-declare")
+            self._closing.add(again)
+            again.add_done_callback(_forget(self._closing))
         self._channel, self._watchdog, self.node, self.problem = channel, watchdog, node, None
         metrics.BROKER_CONNECTS.labels("connected").inc()
         metrics.BROKER_READY.set(1)
         metrics.broker_node(node.name, [n.name for n in self.nodes])
         self._became_ready.set()
         log.info("broker_connected", url=node.redacted, node=node.name)
+
+    async def _declare(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """Declare the topology on a channel of its own, or (passive) check it is all there."""
+        topology = self._topology
+        if topology.passive:
+            missing = await check_topology(connection, topology)
+            if missing:
+                raise TopologyMissing(
+                    ", ".join(missing) + " missing on the broker (topology.passive)"
+                )
+            return
+        channel = await connection.channel()
+        try:
+            await declare_topology(channel, topology)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _declare_again(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """After a reconnect: what fails is said, and publishing goes on (the topology was
+        declared at start; a broker that lost it gets it back here)."""
+        try:
+            async with asyncio.timeout(REDECLARE_TIMEOUT):
+                await self._declare(connection)
+        except TimeoutError:
+            if connection is self._connection:
+                log.warning(
+                    "topology_declare_slow",
+                    node=self._node_name(),
+                    detail=f"no answer to the declarations in {REDECLARE_TIMEOUT:g} s; "
+                    "publishing goes on",
+                )
+        except Exception as exc:  # noqa: BLE001 - said; the publish channel is not touched
+            if connection is self._connection and not connection.is_closed:
+                log.error("topology_declare_failed", node=self._node_name(), error=describe(exc))
 
     def _silent(self, connection: aio_pika.abc.AbstractConnection, reason: str) -> None:
         """The watchdog's news: the node in use stopped answering; fail over."""
