@@ -15,6 +15,22 @@ DEV_KEY := $(DEV_KEYS)/private/pub-key-dev.key.pem
 DEV_CLIENT_ID := events-bridge-dev
 SAMPLE := tests/data/adobe-samples/events/imaging_lightroom-job-status_succeeded.json
 PYTEST_ARGS ?=
+# RABBITMQ=4: the broker targets and the suites use a private RabbitMQ 4.0 instead (a podman
+# container on 127.0.0.1:5682, `deploy/broker.sh ensure --version 4`); empty or 3: the default.
+RABBITMQ ?=
+ifneq ($(filter-out 3 3.% 4 4.%,$(RABBITMQ)),)
+$(error RABBITMQ=$(RABBITMQ): 3 (the default) or 4)
+endif
+ifneq ($(filter 4 4.%,$(RABBITMQ)),)
+BROKER_VERSION := --version 4
+AMQP_URL_FILE := $(LOCAL)/amqp-url-4
+# The tests control this node (restarts, alarms) through podman: tests/broker_node.py.
+export BRIDGE_TEST_RABBITMQ := 4
+else
+BROKER_VERSION :=
+AMQP_URL_FILE := $(LOCAL)/amqp-url
+endif
+AMQP_URL := $$(cat $(AMQP_URL_FILE))
 # The pure core (no I/O: Adobe's formats, the rules, messages, config) and its coverage floor.
 CORE := bridge/adobe/*,bridge/authorize.py,bridge/config*.py,bridge/dedup.py,bridge/errors.py,$\
 	bridge/frames.py,bridge/message.py,bridge/routing.py,bridge/rules.py,bridge/topology.py,$\
@@ -39,15 +55,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create .venv and install the project with its pinned dependencies
 
-broker:  ## find or start a RabbitMQ broker (BRIDGE_AMQP_URL, :5672, Docker, or a private node)
+broker:  ## find or start a RabbitMQ broker (BRIDGE_AMQP_URL, :5672, Docker, a private node; RABBITMQ=4: 4.0)
 	@mkdir -p $(LOCAL)
-	@deploy/broker.sh ensure > $(LOCAL)/amqp-url
+	@deploy/broker.sh ensure $(BROKER_VERSION) > $(AMQP_URL_FILE)
 
 tools:  ## the validators the tests run on deploy/ (docker-compose, systemd-analyze), via apt as root
 	@deploy/tools.sh
 
 broker-stop:  ## stop the broker that `make broker` started
-	@deploy/broker.sh stop
+	@deploy/broker.sh stop $(BROKER_VERSION)
 
 $(DEV_KEY): | $(STAMP)
 	@$(BIN)/events-bridge keys generate $(DEV_KEYS) --name dev >/dev/null
@@ -63,24 +79,24 @@ run: install broker $(DEV_KEY)  ## serve on 127.0.0.1:8080 with development sett
 	@echo "      --key $(DEV_KEY) --key-path /prod/keys/pub-key-dev.pem \\"
 	@echo "      --client-id $(DEV_CLIENT_ID) $(SAMPLE)"
 	@echo
-	@BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) \
+	@BRIDGE_AMQP_URL=$(AMQP_URL) \
 	BRIDGE_CLIENT_IDS=$(DEV_CLIENT_ID) \
 	BRIDGE_KEY_BASE_URL=file://$(CURDIR)/$(DEV_KEYS) \
 	exec $(BIN)/events-bridge serve --config config/bridge.yaml
 
 test: install broker tools  ## run the whole test suite against a real broker
-	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
+	BRIDGE_TEST_AMQP_URL=$(AMQP_URL) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-faults: install broker  ## the fault suite: broker, network and process faults under load
-	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
+	BRIDGE_TEST_AMQP_URL=$(AMQP_URL) $(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
 
 # The fast publish path leans on aiormq internals (bridge/channel.py); when they are not what it
 # expects, the bridge publishes with aiormq's public basic_publish. These run every suite so.
 test-portable: install broker tools  ## the whole test suite on the portable publish path
-	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest $(PYTEST_ARGS)
+	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$(AMQP_URL) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-faults-portable: install broker  ## the fault suite on the portable publish path
-	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) \
+	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$(AMQP_URL) \
 		$(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
 
 image:  ## the container image, events-bridge:<version>, saved to .local/image/ (BASE=python:3.11-slim: another base)
@@ -91,15 +107,15 @@ image:  ## the container image, events-bridge:<version>, saved to .local/image/ 
 test-image: install broker image  ## build the image, then run it against the real broker
 	deploy/container/image.sh test-tools
 	deploy/container/image.sh rabbitmq
-	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -m image tests/image $(PYTEST_ARGS)
+	BRIDGE_TEST_AMQP_URL=$(AMQP_URL) $(BIN)/pytest -m image tests/image $(PYTEST_ARGS)
 
 coverage: install broker  ## the pure core's tests with coverage: it must keep CORE_FLOOR %
-	BRIDGE_TEST_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/pytest -q --cov=bridge --cov-report= \
+	BRIDGE_TEST_AMQP_URL=$(AMQP_URL) $(BIN)/pytest -q --cov=bridge --cov-report= \
 		$(CORE_TESTS)
 	$(BIN)/coverage report --include='$(CORE)' --fail-under=$(CORE_FLOOR)
 
 bench: install broker  ## benchmarks (tests/bench): events/s and ratios against aio-pika and a plain handler
-	BRIDGE_AMQP_URL=$$(cat $(LOCAL)/amqp-url) $(BIN)/python tests/bench/run.py $(BENCH_ARGS)
+	BRIDGE_AMQP_URL=$(AMQP_URL) $(BIN)/python tests/bench/run.py $(BENCH_ARGS)
 
 lint:  ## ruff
 	$(BIN)/ruff check bridge tests deploy/examples/python

@@ -23,7 +23,8 @@ What it does with each message (``prefetch`` at a time):
   the event comes back after the delay, with ``x-bridge-attempt`` counting the attempts;
 - after ``max_attempts`` (or on :class:`PermanentFailure`, or a message it cannot decode)
   rejects it without requeue, so the broker dead-letters it through the work queue's own
-  ``x-dead-letter-exchange`` (declare it in the topology) with an ``x-death`` history. After a
+  ``x-dead-letter-exchange`` (declare it in the topology) with an ``x-death`` history (on
+  RabbitMQ 4.x only what happened since the last retry: count with ``x-bridge-attempt``). After a
   retry the message's routing key is the queue's name (the retry queue dead-letters it back by
   name), so make that exchange a fanout; the original key is in ``x-bridge-routing-key`` and in
   :attr:`ReceivedEvent.routing_key`.

@@ -3,8 +3,8 @@
 Part of the deliver step, under ``bridge.publisher`` (which publishes on it). The supervisor
 task (re)connects with backoff to the first node that answers (``bridge.nodes``), declares the
 topology at start and again, beside the publishing, after every reconnect (``bridge.declare``),
-and notices a lost connection or channel, or a node that stopped answering. aio-pika's defaults are unsafe for us, so each is set on
-purpose (the README, "Delivery semantics"):
+and notices a lost connection or channel, or a node that stopped answering. aio-pika's defaults
+are unsafe for us, so each is set on purpose (the README, "Delivery semantics"):
 
 - no robust connection: its publish waits for a reconnect without bound. While the supervisor
   reconnects, a publish fails at once (a fast 503); when the channel or connection closes, every
@@ -46,8 +46,9 @@ log = structlog.get_logger("bridge.publisher")
 FIRST_RETRY_DELAY = 0.2
 CLOSE_TIMEOUT = 2.0
 REDECLARE_TIMEOUT = 60.0  # after a reconnect, declarations run beside the publishing
-# RabbitMQ's words when a message is over its max_message_size (rabbit_channel:check_msg_size).
-_MAX_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+# RabbitMQ's words when a message is over its max_message_size (rabbit_channel:check_msg_size;
+# without "configured" when the limit is RabbitMQ's own ceiling of 512 MiB).
+_MAX_SIZE: Final = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
 # What the broker or the network may raise: a 503, and the connection is made again. Anything
 # else is a bug (a 500 with its traceback), not a reason to retry: see broker_error().
 BROKER_ERRORS: Final = (

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Find or start a RabbitMQ broker for events-bridge (SPEC §1), and print its AMQP URL on stdout.
+# Find or start a RabbitMQ broker for events-bridge (SPEC §1, §9), and print its AMQP URL on stdout.
 #
-#   deploy/broker.sh ensure   print a reachable broker's URL, starting one if needed
-#   deploy/broker.sh stop     stop the private node or container this script started
-#   deploy/broker.sh status   say which broker would be used, start nothing
+#   deploy/broker.sh ensure [--version 3|4]   print a reachable broker's URL, starting one if needed
+#   deploy/broker.sh stop [--version 3|4]     stop the private node or container this script started
+#   deploy/broker.sh status [--version 3|4]   say which broker would be used, start nothing
 #
-# Order: $BRIDGE_AMQP_URL; else a broker already listening on 127.0.0.1:5672; else Docker
-# (rabbitmq:3-management) where a Docker engine answers; else a private `rabbitmq-server` node,
-# installed with apt-get when missing (root only), bound to 127.0.0.1, its data under .local/.
+# Without --version (or with --version 3): $BRIDGE_AMQP_URL; else a broker already listening on
+# 127.0.0.1:5672; else Docker (rabbitmq:3-management) where a Docker engine answers; else a private
+# `rabbitmq-server` node (Debian 12: 3.10), installed with apt-get when missing (root only), bound
+# to 127.0.0.1, its data under .local/.
+# With --version 4: always the private RabbitMQ 4.0 container events-bridge-rabbitmq4 (podman,
+# image localhost/rabbitmq:4 from Debian 13, built by deploy/container/image.sh rabbitmq; podman
+# installed when missing, root only) on 127.0.0.1:5682; BRIDGE_AMQP_URL and :5672 are not looked
+# at. `stop` removes the container, and its data with it.
 # Progress goes to stderr, so `URL=$(deploy/broker.sh ensure)` stays clean.
 set -euo pipefail
 
@@ -18,6 +23,12 @@ nodename="events-bridge@localhost"
 container="events-bridge-rabbitmq"
 default_url="amqp://guest:guest@127.0.0.1:5672/"
 wait_seconds=${BRIDGE_BROKER_WAIT:-120}
+# RabbitMQ 4: a podman container of its own; 5672 is a developer's broker or the 3.10 node.
+rmq4_container="events-bridge-rabbitmq4"
+rmq4_image="localhost/rabbitmq:4"
+rmq4_port=5682
+rmq4_dir="$local_dir/rabbitmq4"
+rmq4_url="amqp://guest:guest@127.0.0.1:$rmq4_port/"
 
 say() { printf 'broker: %s\n' "$*" >&2; }
 die() { printf 'broker: error: %s\n' "$*" >&2; exit 1; }
@@ -127,10 +138,109 @@ status() {
     fi
 }
 
-case "${1:-ensure}" in
-    ensure) ensure ;;
-    stop) stop ;;
-    status) status ;;
-    -h|--help|help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown command '$1' (ensure, stop, status)" ;;
+# -- RabbitMQ 4 (--version 4): the container -----------------------------------------------------
+
+use_podman() {  # [install]: podman on the project's store (.local/containers); 1 without podman
+    if ! command -v podman >/dev/null 2>&1; then
+        [ "${1:-}" = install ] || return 1
+        say "podman is missing: installing it (deploy/container/image.sh test-tools)"
+        "$here/deploy/container/image.sh" test-tools
+    fi
+    eval "$("$here/deploy/container/image.sh" env)"
+}
+
+rmq4_state() {  # running, exited, created, ... or nothing when there is no such container
+    podman container inspect --format '{{.State.Status}}' "$rmq4_container" 2>/dev/null || true
+}
+
+rmq4_ctl() {  # rabbitmqctl inside the container, bounded
+    timeout 90 podman exec "$rmq4_container" rabbitmqctl "$@"
+}
+
+rmq4_create() {
+    if port_open 127.0.0.1 "$rmq4_port"; then
+        die "something else listens on 127.0.0.1:$rmq4_port; the RabbitMQ 4 container needs that port"
+    fi
+    podman image exists "$rmq4_image" || "$here/deploy/container/image.sh" rabbitmq
+    mkdir -p "$rmq4_dir"
+    # Connections come through the port mapping, not from the container's loopback: guest must
+    # be allowed from elsewhere. Only 127.0.0.1 of the host reaches the port. x-queue-master-locator
+    # is refused, as later versions will (4.0 permits it). Not transient_nonexcl_queues: with it
+    # denied, 4.0.5's `rabbitmqctl start_app` fails about one time in eight
+    # (failed_to_deny_deprecated_features), and global_qos is not enforced by 4.0.5 at all.
+    printf '%s\n' 'loopback_users.guest = false' 'listeners.tcp.default = 5672' \
+        'deprecated_features.permit.queue_master_locator = false' >"$rmq4_dir/rabbitmq.conf"
+    chmod 644 "$rmq4_dir/rabbitmq.conf"  # read by the container's rabbitmq user
+    say "starting RabbitMQ 4 in podman (container $rmq4_container, 127.0.0.1:$rmq4_port)"
+    # --init: PID 1 forwards SIGTERM (rabbitmq-server is a shell script), so a stop takes 0.3 s.
+    podman run -d --init --name "$rmq4_container" --hostname "$rmq4_container" \
+        -p "127.0.0.1:$rmq4_port:5672" \
+        -v "$rmq4_dir/rabbitmq.conf:/etc/rabbitmq/rabbitmq.conf:ro" "$rmq4_image" >/dev/null
+}
+
+rmq4_wait() {  # until the node has booted and AMQP answers; bounded
+    local deadline=$((SECONDS + wait_seconds)) state
+    # await_startup fails at once while the node's VM is not up yet: try again until the deadline.
+    until rmq4_ctl -q await_startup --timeout 60 >/dev/null 2>&1; do
+        state=$(rmq4_state)
+        [ "$state" = running ] || die "container $rmq4_container is $state: podman logs $rmq4_container"
+        ((SECONDS < deadline)) || die "RabbitMQ 4 did not start within ${wait_seconds}s: podman logs $rmq4_container"
+        sleep 1
+    done
+    wait_port 127.0.0.1 "$rmq4_port" "RabbitMQ 4 (podman logs $rmq4_container)"
+}
+
+ensure4() {
+    use_podman install
+    case $(rmq4_state) in
+        running) ;;
+        "") rmq4_create ;;
+        *)
+            say "starting the existing container $rmq4_container"
+            podman start "$rmq4_container" >/dev/null
+            ;;
+    esac
+    rmq4_wait
+    say "RabbitMQ $(rmq4_ctl -q version 2>/dev/null || echo 4) ready on 127.0.0.1:$rmq4_port"
+    echo "$rmq4_url"
+}
+
+stop4() {
+    if ! use_podman || [ -z "$(rmq4_state)" ]; then  # nothing to stop (and no install for that)
+        say "no container $rmq4_container"
+        return
+    fi
+    say "stopping and removing container $rmq4_container"
+    podman stop -t 15 "$rmq4_container" >/dev/null || true
+    podman rm -f "$rmq4_container" >/dev/null
+}
+
+status4() {
+    if ! use_podman; then
+        say "no podman; ensure --version 4 would install it and start container $rmq4_container"
+        return
+    fi
+    local state
+    state=$(rmq4_state)
+    case $state in
+        running) say "container $rmq4_container runs: $rmq4_url" ;;
+        "") say "no container $rmq4_container; ensure --version 4 would start one on 127.0.0.1:$rmq4_port" ;;
+        *) say "container $rmq4_container is $state; ensure --version 4 would start it again" ;;
+    esac
+}
+
+command=ensure version=3
+while [ $# -gt 0 ]; do
+    case $1 in
+        --version) version=${2:?--version needs 3 or 4}; shift 2 ;;
+        --version=*) version=${1#--version=}; shift ;;
+        -h | --help | help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        ensure | stop | status) command=$1; shift ;;
+        *) die "unknown argument '$1' (ensure, stop, status; --version 3|4)" ;;
+    esac
+done
+case $version in
+    3 | 3.*) "$command" ;;
+    4 | 4.*) "${command}4" ;;
+    *) die "no RabbitMQ $version here: 3 (the default) or 4" ;;
 esac

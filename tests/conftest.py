@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bridge.config import BrokerConfig
+from tests.broker_node import BrokerNode, node_for, version_under_test
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,12 +35,13 @@ def _docker_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
-    """The broker URL: the env URL, else testcontainers where Docker answers, else a local node."""
+    """The broker URL: the env URL, else testcontainers where Docker answers, else a local node
+    (``BRIDGE_TEST_RABBITMQ=4``: the RabbitMQ 4 container of ``deploy/broker.sh``)."""
     url = os.environ.get("BRIDGE_TEST_AMQP_URL") or os.environ.get("BRIDGE_AMQP_URL")
     if url:
         yield url
         return
-    if _docker_answers():
+    if _docker_answers() and version_under_test() == "3":
         from testcontainers.rabbitmq import RabbitMqContainer
 
         with RabbitMqContainer("rabbitmq:3-management") as container:
@@ -47,8 +49,9 @@ def amqp_url() -> Iterator[str]:
             port = container.get_exposed_port(container.port)
             yield f"amqp://guest:guest@{host}:{port}/"
         return
+    version = ["--version", "4"] if version_under_test() == "4" else []
     found = subprocess.run(
-        [str(ROOT / "deploy" / "broker.sh"), "ensure"],
+        [str(ROOT / "deploy" / "broker.sh"), "ensure", *version],
         capture_output=True,
         text=True,
         timeout=600,
@@ -57,6 +60,16 @@ def amqp_url() -> Iterator[str]:
     if found.returncode != 0:
         pytest.fail(f"no RabbitMQ broker could be found or started:\n{found.stderr}")
     yield found.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def broker_node(amqp_url: str) -> BrokerNode:
+    """The private node of ``deploy/broker.sh`` behind ``amqp_url``, which a test may stop, kill
+    and put under alarms (``tests/broker_node.py``); the test is skipped, saying why, without."""
+    found = node_for(amqp_url)
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from bridge.config import BrokerConfig, Config
 from bridge.errors import BrokerUnavailable
 from bridge.message import Outbound
 from bridge.publisher import AmqpPublisher
+from tests.broker_node import BrokerNode
 from tests.helpers import (
     CLIENT_ID,
     EVENTS,
@@ -356,34 +356,11 @@ async def test_broker_down_at_start_does_not_stop_the_daemon(
     assert (await bridge.post(lightroom())).status == 200
 
 
-NODE = "events-bridge@localhost"  # the private node of deploy/broker.sh
-RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(
-        [str(RABBITMQCTL), "-q", "-n", NODE, *args], check=True, timeout=120, capture_output=True
-    )
-
-
-@pytest.fixture(scope="session")
-def private_node() -> None:
-    """Skip unless the broker is the private node that deploy/broker.sh starts (we may stop it)."""
-    if not RABBITMQCTL.exists():
-        pytest.skip("needs the private node of deploy/broker.sh")
-    probe = subprocess.run(
-        [str(RABBITMQCTL), "-q", "-n", NODE, "status"], capture_output=True, timeout=60, check=False
-    )
-    if probe.returncode != 0:
-        pytest.skip("needs the private node of deploy/broker.sh")
-
-
-@pytest.mark.usefixtures("private_node")
 async def test_memory_alarm_blocks_publishers_and_answers_still_come_in_time(
-    make_bridge: Callable[..., Awaitable[Bridge]],
+    make_bridge: Callable[..., Awaitable[Bridge]], broker_node: BrokerNode
 ) -> None:
     bridge = await make_bridge()
-    await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0")
+    await asyncio.to_thread(broker_node.ctl, "set_vm_memory_high_watermark", "0")
     try:
         started = time.monotonic()
         response = await bridge.post(lightroom("during-alarm"))
@@ -392,29 +369,29 @@ async def test_memory_alarm_blocks_publishers_and_answers_still_come_in_time(
         assert (await response.json())["error"] in ("timeout", "deadline")
         assert elapsed < 8.0
     finally:
-        await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0.4")
+        await asyncio.to_thread(broker_node.ctl, "set_vm_memory_high_watermark", "0.4")
     deadline = time.monotonic() + 15
     while (await bridge.post(lightroom("after-alarm"))).status != 200:
         assert time.monotonic() < deadline, "not publishing after the alarm cleared"
         await asyncio.sleep(0.2)
 
 
-@pytest.mark.usefixtures("private_node")
 async def test_real_broker_stop_and_start(
     make_bridge: Callable[..., Awaitable[Bridge]],
     consumer: aio_pika.abc.AbstractChannel,
     amqp_url: str,
+    broker_node: BrokerNode,
 ) -> None:
     bridge = await make_bridge()
     assert (await bridge.post(lightroom("before-stop"))).status == 200
-    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    await asyncio.to_thread(broker_node.ctl, "stop_app")
     try:
         started = time.monotonic()
         response = await bridge.post(lightroom("while-stopped"))
         assert response.status == 503
         assert time.monotonic() - started < 8.0
     finally:
-        await asyncio.to_thread(rabbitmqctl, "start_app")
+        await asyncio.to_thread(broker_node.ctl, "start_app")
     back = time.monotonic()
     while (await bridge.post(lightroom("after-start"))).status != 200:
         assert time.monotonic() - back < 10.0, "not publishing 10 s after the broker returned"

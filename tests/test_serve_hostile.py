@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,10 @@ from aiohttp.test_utils import TestServer
 
 from bridge.message import Outbound
 from bridge.segments import encode
+from tests.broker_node import BrokerNode
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, KEY_PATH
 from tests.rig import LIGHTROOM, Rig, body_for, raise_own_file_limit
-
-NODE = "events-bridge@localhost"
-RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 
 
 async def wait_listening(rig: Rig, seconds: float = 20) -> None:
@@ -155,31 +154,11 @@ async def test_a_poison_record_left_in_the_outbox_by_an_older_version_is_replaye
 
 
 @pytest.fixture
-def small_max_message_size() -> Any:
+def small_max_message_size(broker_node: BrokerNode) -> Iterator[None]:
     """The private node refuses messages over 1 MiB (RabbitMQ's max_message_size), as a broker
     configured so does; set back afterwards."""
-    if not RABBITMQCTL.exists():
-        pytest.skip("needs the private node of deploy/broker.sh")
-
-    def set_size(size: int) -> int:
-        return subprocess.run(
-            [
-                str(RABBITMQCTL),
-                "-q",
-                "-n",
-                NODE,
-                "eval",
-                f"application:set_env(rabbit, max_message_size, {size}).",
-            ],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        ).returncode
-
-    if set_size(1024 * 1024) != 0:
-        pytest.skip("cannot set max_message_size on the broker")
-    yield
-    set_size(128 * 1024 * 1024)
+    with broker_node.max_message_size(1024 * 1024):
+        yield
 
 
 @pytest.mark.usefixtures("small_max_message_size")
@@ -220,8 +199,10 @@ async def test_readyz_is_not_ready_while_the_outbox_cannot_drain(rig: Rig) -> No
     connection = await aio_pika.connect(rig.amqp_url)
     async with connection:
         channel = await connection.channel()
-        capped = await channel.declare_queue(
-            f"{rig.prefix}.capped", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        capped = await channel.declare_queue(  # exclusive: RabbitMQ 4 deprecates transient ones
+            f"{rig.prefix}.capped",
+            exclusive=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
         )
         await capped.bind(f"{rig.prefix}.events", routing_key="#")
         statuses = [(await rig.post(body_for(f"nacked-{i}")))[0] for i in range(5)]

@@ -18,6 +18,7 @@ from bridge.app import create_app
 from bridge.config import BrokerConfig, Config, parse_config
 from bridge.consumer import ATTEMPT_HEADER, Consumer, PermanentFailure, ReceivedEvent, decode
 from bridge.declare import declare_topology
+from tests.broker_node import broker_major
 from tests.helpers import CLIENT_ID, EVENTS, SigningKey, key_folder
 from tests.processes import Daemon, cli, free_port
 
@@ -175,7 +176,10 @@ async def test_a_failing_consumer_lands_the_event_in_the_dead_letter_queue(
     assert isinstance(deaths, list)
     history = {(d["queue"], d["reason"]): d["count"] for d in deaths if isinstance(d, dict)}
     assert history[(f"{prefix}.jobs", "rejected")] == 1
-    assert history[(f"{prefix}.jobs.retry", "expired")] == 2
+    # Each retry is a copy the consumer publishes with the headers it got: RabbitMQ 3.x goes on
+    # counting from the copy's x-death, 4.x ignores x-death from clients and starts again at 1.
+    retries = 2 if broker_major(declared.connection) < 4 else 1
+    assert history[(f"{prefix}.jobs.retry", "expired")] == retries
     assert consumer.counts == {"handled": 0, "retried": 2, "dead_lettered": 1, "duplicates": 0}
     assert decode(message).event_code == "lightroom-job-status"
 

@@ -385,7 +385,7 @@ async def test_a_failing_handler_makes_the_consumer_span_an_error(amqp_url: str)
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        await channel.declare_queue(queue, auto_delete=False)
+        await channel.declare_queue(queue, durable=True)  # RabbitMQ 4 deprecates transient ones
         await channel.default_exchange.publish(
             aio_pika.Message(
                 orjson.dumps({**LIGHTROOM, "event_id": "fails"}),

@@ -5,7 +5,10 @@
 #   deploy/container/image.sh build [--base IMAGE]  events-bridge:<version> and :latest, saved to
 #                                                   .local/image/events-bridge-<version>.tar
 #   deploy/container/image.sh base                  localhost/debian:bookworm-slim from debootstrap
-#   deploy/container/image.sh rabbitmq              localhost/rabbitmq:4 (Debian 13's rabbitmq-server)
+#   deploy/container/image.sh rabbitmq [--version 4|3]
+#                                                   localhost/rabbitmq:4 (Debian 13's rabbitmq-server
+#                                                   4.0), or with --version 3 localhost/rabbitmq:3.10
+#                                                   (Debian 12's 3.10): the cluster suite runs both
 #   deploy/container/image.sh test-tools            podman and docker-compose for make test-image
 #   deploy/container/image.sh env                   the exports that point podman at this store
 #   deploy/container/image.sh engine                print podman or docker (installing podman if needed)
@@ -24,7 +27,6 @@ out="$here/.local/image"
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$here/bridge/__init__.py")
 name=events-bridge
 debian_base=localhost/debian:bookworm-slim
-rabbitmq_image=localhost/rabbitmq:4
 
 say() { printf 'image: %s\n' "$*" >&2; }
 die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
@@ -196,18 +198,29 @@ build() {
 .local/image/$name-$version.tar ($(du -m "$out/$name-$version.tar" | cut -f1) MB)"
 }
 
-rabbitmq() {
-    local engine
+rabbitmq() {  # [--version 4|3]: one Containerfile, on Debian 13 (4.0) or Debian 12 (3.10)
+    local version=4 engine image base suite
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --version) version=${2:?--version needs 4 or 3}; shift 2 ;;
+            *) die "unknown option '$1' (rabbitmq [--version 4|3])" ;;
+        esac
+    done
+    case $version in
+        4 | 4.0) image=localhost/rabbitmq:4 base=localhost/debian:trixie suite=trixie ;;
+        3 | 3.10) image=localhost/rabbitmq:3.10 base=$debian_base suite=bookworm ;;
+        *) die "no RabbitMQ $version here: 4 (Debian 13's 4.0) or 3 (Debian 12's 3.10)" ;;
+    esac
     engine=$(engine)
     [ "$engine" = podman ] && podman_env
     mkdir -p "$store"
-    if $engine image inspect "$rabbitmq_image" >/dev/null 2>&1; then return; fi
-    rootfs_image localhost/debian:trixie trixie "$engine"
-    say "building $rabbitmq_image (Debian 13's rabbitmq-server 4.0)"
+    if $engine image inspect "$image" >/dev/null 2>&1; then return; fi
+    rootfs_image "$base" "$suite" "$engine"
+    say "building $image (Debian $suite's rabbitmq-server)"
     local args=(build)
     [ "$engine" = podman ] && args+=(--format docker)
-    $engine "${args[@]}" -t "$rabbitmq_image" -f "$here/deploy/container/rabbitmq4/Containerfile" \
-        "$here/deploy/container/rabbitmq4" >&2
+    $engine "${args[@]}" --build-arg "BASE=$base" -t "$image" \
+        -f "$here/deploy/container/rabbitmq4/Containerfile" "$here/deploy/container/rabbitmq4" >&2
 }
 
 test_tools() {  # what make test-image needs beside the images: podman itself, docker-compose
@@ -218,7 +231,7 @@ test_tools() {  # what make test-image needs beside the images: podman itself, d
 case "${1:-build}" in
     build) shift || true; build "$@" ;;
     base) e=$(engine); [ "$e" = podman ] && podman_env; mkdir -p "$store"; rootfs_image "$debian_base" bookworm "$e" ;;
-    rabbitmq) rabbitmq ;;
+    rabbitmq) shift; rabbitmq "$@" ;;
     test-tools) test_tools ;;
     env) podman_env; printf 'export CONTAINERS_STORAGE_CONF=%q CONTAINERS_CONF=%q TMPDIR=%q\n' \
         "${CONTAINERS_STORAGE_CONF:-}" "${CONTAINERS_CONF:-}" "${TMPDIR:-/tmp}" ;;

@@ -9,9 +9,10 @@ is encoded to bytes once, before the clock starts, and an answer is parsed only 
 status line and ``Content-Length``. A general-purpose client (aiohttp's) costs about ten times
 more CPU per request, and on a 2-core machine shared with the server and the broker every
 microsecond it burns is taken from what is measured. Each connection has one request in flight
-(no pipelining), as Adobe's sender does.
+(no pipelining), as Adobe's sender does. An ``https://`` URL is sent over TLS (``--cafile``: the CA
+that signed the server's certificate), each connection kept alive: one handshake per connection.
 
-    python tests/bench/loadgen.py URL BODIES.jsonl --connections 64 --seconds 20
+    python tests/bench/loadgen.py URL BODIES.jsonl --connections 64 --seconds 20 [--cafile CA]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import cast
@@ -144,9 +146,11 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=0, help="requests/s in all (0: no limit)")
+    parser.add_argument("--cafile", help="https: the CA of the server's certificate")
     args = parser.parse_args()
     url = urlsplit(args.url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    tls = ssl.create_default_context(cafile=args.cafile) if url.scheme == "https" else None
+    host, port = url.hostname or "127.0.0.1", url.port or (443 if tls else 80)
     requests = []
     for line in args.requests.read_text().splitlines():
         item = json.loads(line)
@@ -158,7 +162,7 @@ async def main() -> None:
     started = time.monotonic()
     clients = []
     for _ in range(args.connections):
-        _, client = await loop.create_connection(lambda: Client(run), host, port)
+        _, client = await loop.create_connection(lambda: Client(run), host, port, ssl=tls)
         clients.append(client)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(args.seconds + 15):

@@ -12,7 +12,11 @@
     collector (collector.py); what tracing costs. Off, as in (c), it costs nothing: the traced
     code is not on the path at all;
 (e) the daemon's RSS (largest worker) under a steady 400 requests/s (``BENCH_MEMORY_SECONDS``,
-    default 300; 0 skips it).
+    default 300; 0 skips it);
+(h) (c) with the sender posting over HTTPS, beside (c) over HTTP run right before it, and
+(g) (c) publishing over amqps (a client certificate the broker verifies) to a TLS broker node of
+    the bench's own, beside the same node over plain AMQP: what TLS costs (tls.py;
+    ``--tls-rounds N`` repeats the pairs, 0 skips them; ``--only-tls`` runs nothing else).
 
 HTTP scenarios use 64 connections and pre-signed requests (signed once, cached in
 ``.local/bench/``); the load generator (loadgen.py) runs in a process of its own. Absolute
@@ -21,7 +25,7 @@ and the CPU microseconds per event of each party (server, broker, load generator
 much less. Every answered event is checked to be in the queue. Results go to
 ``.local/bench.json``.
 
-    BRIDGE_AMQP_URL=amqp://… python tests/bench/run.py [--seconds 15] [--workers N]
+    BRIDGE_AMQP_URL=amqp://… python tests/bench/run.py [--seconds 15] [--workers N] [--only-tls]
 """
 
 from __future__ import annotations
@@ -151,9 +155,22 @@ def free_port() -> int:
         return port
 
 
-def load(url: str, requests: Path, seconds: float) -> dict[str, Any]:
+def load(
+    url: str, requests: Path, seconds: float, cafile: str = "", rate: float = 0
+) -> dict[str, Any]:
+    """64 connections, flat out (or at ``rate`` requests/s in all); ``cafile`` for https://."""
+    extra = (["--cafile", cafile] if cafile else []) + (["--rate", str(rate)] if rate else [])
     return _script_result(
-        ["loadgen.py", url, str(requests), "--connections", "64", "--seconds", str(seconds)],
+        [
+            "loadgen.py",
+            url,
+            str(requests),
+            "--connections",
+            "64",
+            "--seconds",
+            str(seconds),
+            *extra,
+        ],
         timeout=seconds + 120,
     )
 
@@ -268,11 +285,16 @@ async def bench_aio_pika(amqp_url: str, prefix: str, seconds: float) -> dict[str
     }
 
 
-def bridge_config(prefix: str, port: int, amqp_url: str, outbox: str) -> Path:
+def bridge_config(
+    prefix: str, port: int, amqp_url: str, outbox: str, broker_tls: str = "", server_tls: str = ""
+) -> Path:
+    """The daemon's config; ``broker_tls`` and ``server_tls``: ``tls:`` flow mappings, or ""."""
+    broker_tls = f"tls: {broker_tls}, " if broker_tls else ""
+    server_tls = f", tls: {server_tls}" if server_tls else ""
     text = f"""
-broker: {{url: "{amqp_url}", exchange: {prefix}.events, unrouted_exchange: {prefix}.unrouted,
-          unrouted_queue: {prefix}.unrouted}}
-server: {{port: {port}, max_in_flight: 4096}}
+broker: {{url: "{amqp_url}", {broker_tls}exchange: {prefix}.events,
+          unrouted_exchange: {prefix}.unrouted, unrouted_queue: {prefix}.unrouted}}
+server: {{port: {port}, max_in_flight: 4096{server_tls}}}
 verification: {{key_base_url: "file://{CACHE / "keys"}"}}
 registrations: [{{name: bench, path: /webhook, client_ids: [{CLIENT_ID}]}}]
 outbox: {{dir: "{outbox}", mode: fallback}}
@@ -288,10 +310,16 @@ topology:
 
 
 def start_bridge(
-    prefix: str, port: int, amqp_url: str, workers: int, env: dict[str, str] | None = None
+    prefix: str,
+    port: int,
+    amqp_url: str,
+    workers: int,
+    env: dict[str, str] | None = None,
+    **tls: str,
 ) -> subprocess.Popen[bytes]:
-    """``events-bridge serve --workers N`` with the bench's config and an outbox of its own."""
-    config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp())
+    """``events-bridge serve --workers N`` with the bench's config and an outbox of its own
+    (``broker_tls``, ``server_tls``: see :func:`bridge_config`)."""
+    config = bridge_config(prefix, port, amqp_url, tempfile.mkdtemp(), **tls)
     command = ["-m", "bridge", "serve", "--workers", str(workers), "--config", str(config)]
     quiet = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     return subprocess.Popen(
@@ -357,6 +385,11 @@ def family(pid: int) -> list[int]:
 
 def broker_pid() -> int | None:
     """The local RabbitMQ node's Erlang VM, to count its CPU per event (None when remote)."""
+    if os.environ.get("BRIDGE_TEST_RABBITMQ", "").startswith("4"):  # make bench RABBITMQ=4
+        sys.path.insert(0, str(ROOT))
+        from tests.broker_node import BrokerNode, podman_environment
+
+        return BrokerNode("4", podman_environment()).beam_pid()
     found = subprocess.run(  # the oldest: rabbitmqctl runs short-lived VMs of its own
         ["pgrep", "-o", "-x", "beam.smp"], capture_output=True, text=True, check=False
     )
@@ -365,13 +398,21 @@ def broker_pid() -> int | None:
 
 
 async def measured(
-    server: subprocess.Popen[bytes], url: str, requests: Path, seconds: float
+    server: subprocess.Popen[bytes],
+    url: str,
+    requests: Path,
+    seconds: float,
+    broker: int | None = 0,
+    cafile: str = "",
+    rate: float = 0,
 ) -> dict[str, Any]:
-    """Run the load against a ready server; add CPU microseconds per event of each party."""
-    pids, broker = family(server.pid), broker_pid()
+    """Run the load against a ready server; add CPU microseconds per event of each party
+    (``broker``: its VM's PID; 0, the default: the local node's; None: not counted)."""
+    pids = family(server.pid)
+    broker = broker_pid() if broker == 0 else broker
     server_before = sum(cpu_seconds(p) for p in pids)
     broker_before = cpu_seconds(broker) if broker else 0.0
-    out = await asyncio.to_thread(load, url, requests, seconds)
+    out = await asyncio.to_thread(load, url, requests, seconds, cafile, rate)
     server_cpu = sum(cpu_seconds(p) for p in pids) - server_before
     broker_cpu = (cpu_seconds(broker) - broker_before) if broker else None
     events = max(1, out["events"])
@@ -385,7 +426,14 @@ async def measured(
     }
 
 
-async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, Any]:
+async def run(
+    seconds: float,
+    memory_seconds: float,
+    workers: int,
+    tls_rounds: int = 1,
+    only_tls: bool = False,
+    tls_rate: float = 0,
+) -> dict[str, Any]:
     amqp_url = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     results: dict[str, Any] = {"seconds": seconds, "workers": workers, "cpus": os.cpu_count()}
     singles = requests_file("single", int(seconds * 8000), 1)
@@ -393,6 +441,14 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
 
     prefix = f"bench.{uuid.uuid4().hex[:6]}"
     await declare(amqp_url, prefix)
+    if only_tls:
+        try:
+            results.update(
+                await _tls(amqp_url, prefix, workers, singles, seconds, tls_rounds, tls_rate)
+            )
+        finally:
+            await cleanup(amqp_url, prefix)
+        return results
     try:
         # A broker just started is slower for its first seconds of load (measured after a
         # restart: the first (a) at two thirds of the last, the broker's CPU per message up to
@@ -436,6 +492,10 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
         finally:
             collector.send_signal(signal.SIGTERM)
             collector.wait(timeout=30)
+        if tls_rounds > 0:
+            results.update(
+                await _tls(amqp_url, prefix, workers, singles, seconds, tls_rounds, tls_rate)
+            )
         # (a) once more at the end: the machine is shared, and the ratios use the mean of both.
         print("bench: (a) aio-pika alone again, asyncio loop", file=sys.stderr, flush=True)
         await purge(amqp_url, prefix)
@@ -461,6 +521,23 @@ async def run(seconds: float, memory_seconds: float, workers: int) -> dict[str, 
     f = results["f_bridge_single_traced"]["events_per_s"]
     results["ratios"] = {"c/b": c / b, "c/a": c / a, "d/a": d / a, "f/c": f / c}
     return results
+
+
+async def _tls(
+    amqp_url: str,
+    prefix: str,
+    workers: int,
+    singles: Path,
+    seconds: float,
+    rounds: int,
+    rate: float,
+) -> dict[str, Any]:
+    """(h) and (g): tls.py, imported from the checkout (it starts tests/tlsbroker.py's node)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.bench.tls import tls_scenarios
+
+    return await tls_scenarios(amqp_url, prefix, workers, singles, seconds, max(1, rounds), rate)
 
 
 async def bridge_scenario(
@@ -580,9 +657,29 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="serve --workers (default: cpus)"
     )
+    parser.add_argument(
+        "--tls-rounds", type=int, default=1, help="(h) and (g) pairs: rounds (0: skip them)"
+    )
+    parser.add_argument("--only-tls", action="store_true", help="(h) and (g) alone")
+    parser.add_argument(
+        "--tls-rate",
+        type=float,
+        default=0,
+        help="(h) and (g) at this many requests/s (0: flat out, as (c)); a rate both sides of "
+        "a pair sustain compares their CPU per event at the same load",
+    )
     args = parser.parse_args()
     memory_seconds = float(os.environ.get("BENCH_MEMORY_SECONDS", "300"))
-    results = asyncio.run(run(args.seconds, memory_seconds, args.workers))
+    results = asyncio.run(
+        run(
+            args.seconds,
+            memory_seconds,
+            args.workers,
+            args.tls_rounds,
+            args.only_tls,
+            args.tls_rate,
+        )
+    )
     out = ROOT / ".local" / "bench.json"
     out.write_text(json.dumps(results, indent=2))
     print(
@@ -596,7 +693,13 @@ def main() -> None:
         "c_bridge_single",
         "d_bridge_batch20",
         "f_bridge_single_traced",
+        "h_http",
+        "h_https",
+        "g_amqp",
+        "g_amqps",
     ):
+        if key not in results:
+            continue
         row = results[key]
         server = row.get("client_cpu_us_per_event", row.get("cpu_us_per_event", {}).get("server"))
         print(
@@ -604,6 +707,13 @@ def main() -> None:
             f"{row.get('p99_ms', 0):>9.1f}{server or 0:>26.0f}{_cpu(row, 'broker')}"
             f"{_cpu(row, 'load_generator')}"
         )
+    if "tls_ratios" in results:
+        from tests.bench.tls import report
+
+        print("\n" + "\n".join(report(results)))
+    if args.only_tls:
+        print(f"results: {out}")
+        return
     runs = results["a_aio_pika"]["runs_events_per_s"]
     print(f"(a) is the mean of a run first and a run last: {runs[0]:.0f} and {runs[1]:.0f}")
     ratios = results["ratios"]

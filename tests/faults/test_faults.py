@@ -24,21 +24,20 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
+from tests.broker_node import BrokerNode
 from tests.processes import free_port
 from tests.rig import LIGHTROOM, Rig, Sender, body_for, raise_own_file_limit
 from tests.rig import check as rig_check
 
 pytestmark = pytest.mark.faults
 
-NODE = "events-bridge@localhost"
-RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,27 +58,6 @@ async def load_with(
     await fault()
     await load
     return sender
-
-
-def ctl(*args: str) -> None:
-    subprocess.run(
-        [str(RABBITMQCTL), "-q", "-n", NODE, *args], check=True, timeout=120, capture_output=True
-    )
-
-
-@pytest.fixture
-def private_node() -> None:
-    if (
-        not RABBITMQCTL.exists()
-        or subprocess.run(
-            [str(RABBITMQCTL), "-q", "-n", NODE, "status"],
-            capture_output=True,
-            check=False,
-            timeout=60,
-        ).returncode
-        != 0
-    ):
-        pytest.skip("needs the private node of deploy/broker.sh")
 
 
 async def test_baseline(rig: Rig, table: list[dict[str, Any]]) -> None:
@@ -188,8 +166,10 @@ async def test_nacks_from_a_full_queue(rig: Rig, table: list[dict[str, Any]]) ->
     connection = await aio_pika.connect(rig.amqp_url)
     async with connection:
         channel = await connection.channel()
-        capped = await channel.declare_queue(
-            f"{rig.prefix}.capped", arguments={"x-max-length": 20, "x-overflow": "reject-publish"}
+        capped = await channel.declare_queue(  # exclusive: RabbitMQ 4 deprecates transient ones
+            f"{rig.prefix}.capped",
+            exclusive=True,
+            arguments={"x-max-length": 20, "x-overflow": "reject-publish"},
         )
         await capped.bind(f"{rig.prefix}.events", routing_key="#")
 
@@ -289,59 +269,52 @@ async def test_outbox_disk_full(rig: Rig, table: list[dict[str, Any]], tmp_path:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.mark.usefixtures("private_node")
-async def test_broker_restart_under_load(rig: Rig, table: list[dict[str, Any]]) -> None:
+async def test_broker_restart_under_load(
+    rig: Rig, table: list[dict[str, Any]], broker_node: BrokerNode
+) -> None:
     await rig.start()
 
     async def restart() -> None:
-        await asyncio.to_thread(ctl, "stop_app")
+        await asyncio.to_thread(broker_node.ctl, "stop_app")
         await asyncio.sleep(2)
-        await asyncio.to_thread(ctl, "start_app")
+        await asyncio.to_thread(broker_node.ctl, "start_app")
 
     await check(rig, await load_with(rig, restart), "broker restart", table)
 
 
-@pytest.mark.usefixtures("private_node")
-async def test_memory_alarm(rig: Rig, table: list[dict[str, Any]]) -> None:
+async def test_memory_alarm(rig: Rig, table: list[dict[str, Any]], broker_node: BrokerNode) -> None:
     await rig.start()
 
     async def alarm() -> None:
-        await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", "0")
+        await asyncio.to_thread(broker_node.ctl, "set_vm_memory_high_watermark", "0")
         await asyncio.sleep(5)
-        await asyncio.to_thread(ctl, "set_vm_memory_high_watermark", "0.4")
+        await asyncio.to_thread(broker_node.ctl, "set_vm_memory_high_watermark", "0.4")
 
     await check(rig, await load_with(rig, alarm), "memory alarm 5 s", table)
 
 
-@pytest.mark.usefixtures("private_node")
-async def test_disk_alarm(rig: Rig, table: list[dict[str, Any]]) -> None:
+async def test_disk_alarm(rig: Rig, table: list[dict[str, Any]], broker_node: BrokerNode) -> None:
     await rig.start()
 
     async def alarm() -> None:
-        await asyncio.to_thread(ctl, "set_disk_free_limit", "100000GB")
+        await asyncio.to_thread(broker_node.ctl, "set_disk_free_limit", "100000GB")
         await asyncio.sleep(5)
-        await asyncio.to_thread(ctl, "set_disk_free_limit", "50MB")
+        await asyncio.to_thread(broker_node.ctl, "set_disk_free_limit", "50MB")
 
     await check(rig, await load_with(rig, alarm), "disk alarm 5 s", table)
 
 
-@pytest.mark.usefixtures("private_node")
-async def test_broker_sigkill(rig: Rig, table: list[dict[str, Any]]) -> None:
+async def test_broker_sigkill(
+    rig: Rig, table: list[dict[str, Any]], broker_node: BrokerNode
+) -> None:
     await rig.start()
-    pid_file = ROOT / ".local" / "rabbitmq" / "rabbit.pid"
-    if not pid_file.exists():
-        pytest.skip("the private node was not started from this checkout")
+    if broker_node.beam_pid() is None:
+        pytest.skip("the private node was not started from this checkout (no pid file)")
 
     async def kill_broker() -> None:
-        os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        await asyncio.to_thread(broker_node.kill)
         await asyncio.sleep(1)
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(ROOT / "deploy" / "broker.sh"), "ensure"],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+        await asyncio.to_thread(broker_node.ensure)
 
     await check(rig, await load_with(rig, kill_broker, count=400), "broker SIGKILL", table)
 
@@ -364,15 +337,10 @@ async def test_sixty_second_outage_answers_no_5xx(rig: Rig, table: list[dict[str
 
 
 @pytest.fixture
-def small_max_message_size(private_node: None) -> Any:
+def small_max_message_size(broker_node: BrokerNode) -> Iterator[None]:
     """The private node refuses messages over 1 MiB (max_message_size); set back afterwards."""
-
-    def set_size(size: int) -> None:
-        ctl("eval", f"application:set_env(rabbit, max_message_size, {size}).")
-
-    set_size(1024 * 1024)
-    yield
-    set_size(128 * 1024 * 1024)
+    with broker_node.max_message_size(1024 * 1024):
+        yield
 
 
 @pytest.mark.usefixtures("small_max_message_size")
