@@ -43,7 +43,7 @@ CORE_TESTS := tests/test_envelope.py tests/test_signature.py tests/test_signatur
 	tests/test_dedup.py tests/test_handshake.py tests/test_authorize.py
 
 .PHONY: help install tools broker broker-stop run test test-faults test-portable test-faults-portable \
-	image test-image coverage bench check lint typecheck fmt lock clean
+	test-cluster image test-image coverage bench check lint typecheck fmt lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -98,6 +98,13 @@ test-portable: install broker tools  ## the whole test suite on the portable pub
 test-faults-portable: install broker  ## the fault suite on the portable publish path
 	BRIDGE_PUBLISH_PATH=portable BRIDGE_TEST_AMQP_URL=$(AMQP_URL) \
 		$(BIN)/pytest -m faults tests/faults $(PYTEST_ARGS)
+
+# A 3-node RabbitMQ cluster in podman containers on a network of its own, two bridge replicas
+# listing every node, steady load; a node killed, stopped, cut off, and all three restarted.
+test-cluster: install  ## the cluster fault suite (tests/cluster): RABBITMQ=3 (3.10, default) or 4
+	deploy/container/image.sh test-tools
+	deploy/container/image.sh rabbitmq $(if $(filter 4 4.%,$(RABBITMQ)),--version 4,--version 3)
+	BRIDGE_CLUSTER_RABBITMQ=$(or $(RABBITMQ),3) $(BIN)/pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 image:  ## the container image, events-bridge:<version>, saved to .local/image/ (BASE=python:3.11-slim: another base)
 	deploy/container/image.sh build $(if $(BASE),--base $(BASE))

@@ -45,6 +45,7 @@ log = structlog.get_logger("bridge.publisher")
 
 FIRST_RETRY_DELAY = 0.2
 CLOSE_TIMEOUT = 2.0
+FAILOVER_PAUSE = 1.0  # seconds between losing a node and connecting to the next
 REDECLARE_TIMEOUT = 60.0  # after a reconnect, declarations run beside the publishing
 # RabbitMQ's words when a message is over its max_message_size (rabbit_channel:check_msg_size;
 # without "configured" when the limit is RabbitMQ's own ceiling of 512 MiB).
@@ -174,6 +175,11 @@ class BrokerLink:
             log.warning("broker_connection_lost", url=self._shown(), node=self._node_name())
             # A silent node would not answer a polite close either: do not wait for one.
             await self._drop(patient=not self._silenced)
+            # A moment before the next node: a cluster that just lost a queue's leader elects
+            # another within a second, and a channel opened during the election can stay
+            # pointed at the dead leader (RabbitMQ 3.10: every publish on it nacked or left
+            # unconfirmed until that node returns). Meanwhile events go to the outbox.
+            await asyncio.sleep(FAILOVER_PAUSE)
 
     async def _connect_any(self, delay: float) -> bool:
         """Try each node once, from the one after the node last lost (a node that just failed
