@@ -10,7 +10,7 @@ after every fault:
 - PHANTOM = 0: nothing is in the queue that was not sent; bodies intact;
 - every answer within 8 s, and every event answered 2xx in the end;
 - each replica hit published again directly (not into its outbox) on another node within 10 s of
-  the fault (a cut: within 1.5 net_ticktime + 5 s, as the other nodes wait that long for it;
+  the fault (a cut: within 3 net_ticktime, as the other nodes wait for the cut node that long;
   ``bridge_broker_node_info`` names another node and its direct publishes grow);
 - both replicas alive, their logs free of tracebacks; the cluster healthy again (the
   ``healed`` fixture: three nodes running and clustered, no partition).
@@ -114,7 +114,8 @@ async def test_node_in_use_cut_off_then_reconnected(fleet: Fleet, table: list[An
     # The load goes on for a while after the node is back: when the replicas publish directly
     # again, wherever, is in the table too.
     # The bridge leaves the silent node in about 4 s (its watchdog), but the other nodes hold a
-    # quorum queue's publishes until they declare the cut node down: net_ticktime, give or take
-    # a quarter. Publishing resumes once they have.
+    # quorum queue's publishes (3.10: new connections too) until they declare the cut node
+    # down, net_ticktime and more. Publishing resumes once they have (measured with 10 s:
+    # 11.8 s on 4.0.5, 22 s on 3.10.8).
     ticktime = fleet.cluster.ticktime or 60
-    await check(fleet, fault, await fleet.run(cut, after=10.0), table, 1.5 * ticktime + 5)
+    await check(fleet, fault, await fleet.run(cut, after=10.0), table, 3.0 * ticktime)
