@@ -23,8 +23,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge import __version__, metrics
+from bridge.checkpoint import Checkpoint, StateUnavailable
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError
+from bridge.intake import Intake
+from bridge.journal import JournalReader, first_url, run_reader
+from bridge.journal_intake import JournalIntake
 from bridge.keys import KeyStore
 from bridge.outbox import Outbox, OutboxUnavailable
 from bridge.publisher import AmqpPublisher, Publisher
@@ -113,6 +117,8 @@ def create_app(
     receiver = Receiver(config, Verifier(keys), publisher, outbox, tracing)
     receiver.add_routes(app)
     app[RECEIVER] = receiver
+    if config.journal.enabled and worker.index == 0:  # one reader a daemon, beside worker 0's
+        app.cleanup_ctx.append(_journal(config, receiver.intake))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz(config, publisher, outbox, stranded))
     app.router.add_get("/metrics", _metrics)
@@ -182,6 +188,41 @@ class Lifetime:
         if self.tracing is not None:  # the last spans exported, in the exporter's own time
             await asyncio.to_thread(self.tracing.shutdown)
         log.info("bridge_stopped")
+
+
+def _journal(config: Config, intake: Intake) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The journal reader (``bridge.journal``), after the broker and outbox are up and stopped
+    before them: a page in flight is finished (bounded by the answer deadline), then it stops.
+    A state folder it cannot use leaves the webhooks serving, with an error in the log."""
+
+    async def pull(_app: web.Application) -> AsyncIterator[None]:
+        checkpoint = Checkpoint(Path(config.journal.state_dir), config.journal.url)
+        try:
+            checkpoint.open()
+            since = checkpoint.load()
+        except StateUnavailable as exc:
+            metrics.JOURNAL_ERRORS.labels("state").inc()
+            log.error("journal_not_started", reason=str(exc), action="the webhooks go on")
+            checkpoint.close()
+            yield
+            return
+        take = JournalIntake(intake, config.journal_registration().name, _page_seconds(config))
+        url = first_url(config.journal, since, config.journal.start)
+        reader = JournalReader(config.journal, url, take, checkpoint)
+        start = None if since else config.journal.start
+        log.info("journal_started", resume_after=since, start=start)
+        task = asyncio.create_task(run_reader(reader), name="journal-reader")
+        yield
+        reader.stop()
+        await asyncio.wait({task}, timeout=_page_seconds(config) + 5)
+        task.cancel()
+        checkpoint.close()
+
+    return pull
+
+
+def _page_seconds(config: Config) -> float:
+    return config.server.answer_deadline
 
 
 def _warn_about_trust(config: Config) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from bridge.config_journal import check_journal_registration, journal_section
 from bridge.config_links import broker_tls, broker_urls, server_tls
 from bridge.config_types import (
     MAX_KEY_CACHE_SECONDS,
@@ -251,6 +252,7 @@ _SECTIONS: dict[str, Callable[[Doc, yaml.Node | None], Any]] = {
     "dedup": _dedup,
     "logging": _logging,
     "metrics": _metrics,
+    "journal": journal_section,
 }
 
 
@@ -285,6 +287,9 @@ def parse_config(
         routes = parse_routes(doc, top.items.get("routes"), "routes")
         values["routes"] = default_routes(broker.exchange) if routes is None else routes
     _check_exchanges(doc, top, values, broker)
+    if "journal" in values and "registrations" in values:
+        node = top.items.get("journal")
+        check_journal_registration(doc, node, values["journal"], values["registrations"])
     if doc.problems:
         raise ConfigError(doc.problems)
     return Config(source=source, **values)

@@ -141,6 +141,47 @@ class LoggingConfig:
     level: str = "info"
 
 
+DEFAULT_IMS_TOKEN_URL = "https://ims-na1.adobelogin.com/ims/token/v3"  # noqa: S105 - a URL
+DEFAULT_IMS_SCOPES = (
+    "AdobeID",
+    "openid",
+    "read_organizations",
+    "additional_info.projectedProductContext",
+    "additional_info.roles",
+    "adobeio_api",
+    "read_client_secret",
+    "manage_client_secrets",
+)
+
+
+@dataclass(frozen=True)
+class ImsConfig:
+    """The OAuth Server-to-Server credential the journal is read with (SPEC §10)."""
+
+    token_url: str = DEFAULT_IMS_TOKEN_URL
+    client_id: str = ""  # also sent as x-api-key
+    client_secret: str = field(default="", repr=False)  # never in a log line or a repr
+    org_id: str = ""  # sent as x-ims-org-id
+    scopes: tuple[str, ...] = DEFAULT_IMS_SCOPES
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """Adobe's journal of one registration, pulled (SPEC §10); no ``url``: no journal."""
+
+    url: str = ""
+    registration: str = ""  # whose routes, client ids and dedup; empty: the first one
+    start: str = "latest"  # with no kept position: oldest, latest or -PT2H
+    state_dir: str = ".local/journal"
+    limit: int = 100  # events a page (Adobe caps a page at 1.5 MB whatever the limit)
+    timeout: float = 30.0  # seconds for one answer, body included
+    ims: ImsConfig = field(default_factory=ImsConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -151,9 +192,15 @@ class Config:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     topology: Topology = field(default_factory=lambda: _DEFAULT_TOPOLOGY)
     routes: tuple[Route, ...] = field(default_factory=lambda: _DEFAULT_ROUTES)
     source: str = "<config>"
 
     def routes_for(self, registration: Registration) -> tuple[Route, ...]:
         return self.routes if registration.routes is None else registration.routes
+
+    def journal_registration(self) -> Registration:
+        """The registration whose journal ``journal.url`` is (checked when the file is read)."""
+        wanted = self.journal.registration
+        return next(r for r in self.registrations if not wanted or r.name == wanted)

@@ -5,8 +5,9 @@ Owns: :class:`Intake`: one :class:`Arrival` (a body's bytes, its headers, regist
 time, signatures and deadline) in, an :class:`Outcome` out: what was done (published, stored,
 quarantined, duplicate, dropped, the validation handshake) or the :class:`~bridge.errors.Refusal`,
 with the facts for the log line. The webhook edge (``bridge.receiver``) only reads, limits and
-answers around it; ``events-bridge route`` asks :meth:`Intake.plan` without delivering. The
-dedup memory and the rules of a reload are the intake's, shared by every source.
+answers around it; the journal (``bridge.journal``) hands parsed events to
+:meth:`Intake.take_delivery`; ``events-bridge route`` asks :meth:`Intake.plan` without
+delivering. The dedup memory and the rules of a reload are the intake's, shared by every source.
 
 Delivery semantics (README): an event is safe once the broker confirmed it or the outbox fsync'ed
 it (what no broker takes: the quarantine); only then is the outcome a success, and dedup
@@ -183,10 +184,32 @@ class Intake:
         context = RequestContext.from_headers(
             registration.name, arrival.received_at, arrival.headers
         )
+        return await self._publish(delivery, context, arrival.deadline, facts, rules)
+
+    async def take_delivery(
+        self, delivery: Delivery, context: RequestContext, deadline: float
+    ) -> Outcome:
+        """Events its source parsed and authorized (the journal): dedup → route → deliver."""
+        facts = describe(delivery)
+        try:
+            return await self._publish(delivery, context, deadline, facts)
+        except Refusal as refused:
+            return Outcome("refused", refused, facts=facts)
+
+    async def _publish(
+        self,
+        delivery: Delivery,
+        context: RequestContext,
+        deadline: float,
+        facts: dict[str, Any],
+        rules: Rules | None = None,
+    ) -> Outcome:
+        rules = rules or self.rules
+        registration = rules.registrations[context.registration]
         fresh, keys = self._fresh(delivery, registration.name, facts)
         plan = self._route(delivery, rules.routers[registration.name], context, fresh)
         facts["routing_key"] = _one_or_list([m.routing_key for m in plan.messages])
-        status = await self._deliver(plan.messages, arrival.deadline) if plan.messages else None
+        status = await self._deliver(plan.messages, deadline) if plan.messages else None
         if self.recent is not None:
             for key in keys:
                 self.recent.remember(key)
@@ -367,12 +390,8 @@ def _count_drops(events: Sequence[Event], decisions: Sequence[Decision], registr
     for event, decision in zip(events, decisions, strict=True):
         if decision.dropped:
             metrics.EVENTS_DROPPED.labels(decision.dropped_by or "").inc()
-            log.info(
-                "event_dropped",
-                event_id=event.event_id,
-                rule=decision.dropped_by,
-                registration=registration,
-            )
+            rule = decision.dropped_by
+            log.info("event_dropped", event_id=event.event_id, rule=rule, registration=registration)
 
 
 def _one_or_list(values: list[str]) -> str | list[str]:

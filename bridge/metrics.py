@@ -193,6 +193,39 @@ PUBLISH_PATH = Gauge(
 )
 
 
+JOURNAL_EVENTS = Counter(
+    "bridge_journal_events",
+    "Events pulled from Adobe's journal (each then walks the webhooks' road: dedup, routes).",
+    registry=REGISTRY,
+)
+JOURNAL_PAGES = Counter(
+    "bridge_journal_pages",
+    "Journal answers read, by result: events (a page), empty (the end, for now).",
+    ["result"],
+    registry=REGISTRY,
+)
+JOURNAL_ERRORS = Counter(
+    "bridge_journal_errors",
+    "Journal problems, by kind: network, token, unauthorized, rejected, throttled, server, "
+    "expired, bad_page, page_too_large, bad_link, deliver, refused, bad_event, state.",
+    ["kind"],
+    registry=REGISTRY,
+)
+JOURNAL_NEWEST_AGE = Gauge(
+    "bridge_journal_newest_event_age_seconds",
+    "Age of the newest event the journal gave (by its own time), set at every poll; how far "
+    "behind Adobe the journal reader is.",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
+JOURNAL_TOKEN_RENEWALS = Counter(
+    "bridge_journal_token_renewals",
+    "IMS access tokens obtained, by reason: first, expiring, rejected (a 401).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
 def broker_node(current: str | None, nodes: list[str]) -> None:
     """Say which configured node is in use (None: none)."""
     for name in nodes:

@@ -104,7 +104,7 @@ def test_a_variable_cannot_inject_yaml_structure() -> None:
     [
         (
             "bogus: 1\n" + MINIMAL,
-            "bogus: unknown key (allowed here: broker, dedup, logging, metrics, outbox, "
+            "bogus: unknown key (allowed here: broker, dedup, journal, logging, metrics, outbox, "
             "registrations, routes, server, topology, verification) (t.yaml:1)",
         ),
         (

@@ -9,18 +9,19 @@ and 2 MB), each in one of two envelopes:
 A body of only ``{"validationUrl": ...}`` is Adobe's asynchronous URL validation, not an event.
 Any other JSON object is taken as a bare event when its id and code can be found.
 
-Owns: the event id (``eventid``, else ``event_id``, else the ``x-adobe-event-id`` header on a single
-delivery; never the CloudEvents ``id``; failing all three, ``sha256:`` + the hex digest of the
-event's bytes), the event code (CloudEvents ``type``, else ``event.header.eventCode`` or
+Owns: the event id (``eventid``, else ``event_id``, else the ``x-adobe-event-id`` header on a
+single delivery; never the CloudEvents ``id``; failing all three, ``sha256:`` + the hex digest of
+the event's bytes), the event code (CloudEvents ``type``, else ``event.header.eventCode`` or
 ``event.header._adobeio.eventCode``, else the type of a CloudEvent wrapped in ``event.body``, else
 the ``x-adobe-event-code`` header on a single delivery, else ``unknown``), the recipient (the
 README, "Verification": the top-level ``recipientclientid``, else the top-level
 ``recipient_client_id``, the two agreeing when both are there; inside ``event`` only in Marketo's
 wrapped form, whose ``event.body`` is itself a CloudEvent, and only when the top has none), the IMS
-org, and the job id and aggregate status (``bridge.adobe.jobstatus``). Each event keeps its own
-bytes: the whole body for a single delivery, and for a batch the element's bytes cut from the array
-unchanged, so nothing is re-encoded and numbers, escapes and key order stay exactly as Adobe signed
-them.
+org (``_ORG_PATHS``, per provider: Adobe's envelope before the provider's payload; Commerce, AEM as
+a Cloud Service, InDesign, Asset and custom events name none in the body), and the job id and
+aggregate status (``bridge.adobe.jobstatus``). Each event keeps its own bytes: the whole body for a
+single delivery, and for a batch the element's bytes cut from the array unchanged, so nothing is
+re-encoded and numbers, escapes and key order stay exactly as Adobe signed them.
 
 Does not: check signatures or recipients (the receiver does), or touch the network.
 """
@@ -101,13 +102,32 @@ _CODE_PATHS = (
     ("event", "header", "eventCode"),
     ("event", "header", "_adobeio", "eventCode"),
 )
+# The IMS org, first found wins: the fields of Adobe's envelope, then those inside a provider's
+# payload (which a custom provider's publisher writes at will), so a payload never overrides what
+# the envelope says. Never a request header: AEM names the org only in x-adobe-provider, and no
+# header is signed. Sources: tests/data/adobe-samples/events/INDEX.md, tests/data/adobe-2026/.
 _ORG_PATHS = (
+    # Imaging API (Photoshop, Lightroom job status): the adobe_io envelope's header
     ("event", "header", "imsOrgId"),
     ("event", "header", "_adobeio", "imsOrgId"),
+    # Express API: the CloudEvents extension Adobe documents as "containing IMS organization
+    # information" (Express API guide, "Handle Webhook Events")
+    ("adobeinternal", "imsOrg"),
+    # a top-level field (no published sample has one; kept for bare events)
     ("imsorgid",),
     ("imsOrgId",),
+    # -- inside the provider's payload --
+    # Marketo notification and user-audit streams, plain and wrapped in adobe_io
     ("data", "imsOrgId"),
     ("event", "body", "data", "imsOrgId"),
+    # Analytics Triggers: the pipeline message's own header
+    ("event", "com.adobe.mcloud.pipeline.pipelineMessage", "header", "imsOrg"),
+    # AEM add-on module (XDM event model): the addressee, in adobe_io, in a CloudEvent, or bare
+    ("event", "activitystreams:to", "xdmImsOrg:id"),
+    ("data", "activitystreams:to", "xdmImsOrg:id"),
+    ("activitystreams:to", "xdmImsOrg:id"),
+    # Admin Console audit logs (OCSF): the cloud's org
+    ("data", "cloud", "org", "uid"),
 )
 _RECIPIENT_FIELDS = ("recipientclientid", "recipient_client_id")
 

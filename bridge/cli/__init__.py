@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from bridge import __version__
 from bridge.cli.check import add_check_config
 from bridge.cli.declare import add_declare
+from bridge.cli.journal import add_journal
 from bridge.cli.keys import add_keys
 from bridge.cli.options import QUICK_START
 from bridge.cli.quarantine import add_quarantine
@@ -39,6 +40,7 @@ COMMANDS = (
     add_simulate,
     add_keys,
     add_tail,
+    add_journal,
     add_quarantine,
 )
 
