@@ -58,3 +58,31 @@ def test_one_foreign_element_refuses_the_whole_batch_and_names_it() -> None:
         authorize(batch, MINE)
     assert caught.value.detail.startswith("batch element 1: ")
     authorize(parse_delivery(orjson.dumps([event(), event(event_id="e2")])), MINE)
+
+
+def _journal_refusal(doc: dict[str, Any]) -> Forbidden | None:
+    (taken,) = parse_delivery(orjson.dumps(doc)).events
+    return refusal(taken, MINE, recipient_required=False)
+
+
+def test_a_journal_event_that_names_no_recipient_is_the_registrations() -> None:
+    doc = event()
+    del doc["recipient_client_id"]
+    assert _journal_refusal(doc) is None
+    problem = _journal_refusal({**doc, "imsOrgId": "ORG2@AdobeOrg"})  # the org still counts
+    assert problem is not None
+    assert problem.reason == "org_mismatch"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"recipient_client_id": "client-b"},  # another client's
+        {"recipient_client_id": None},  # named, but not a client id
+        {"recipient_client_id": "client-a", "recipientclientid": "client-b"},  # disagreeing
+    ],
+)
+def test_a_journal_event_that_names_another_recipient_is_refused(fields: dict[str, Any]) -> None:
+    problem = _journal_refusal(event(**fields))
+    assert problem is not None
+    assert problem.reason == "recipient_mismatch"

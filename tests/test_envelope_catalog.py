@@ -348,6 +348,10 @@ routes:
                 "aem_sites_contentFragment_modified_2025_captured.json",
             ),
             "aem.assets.#": ("cloudevents_aem_assets_asset_published_sdf-example.json",),
+            "aem.#": (
+                "aem_sites_contentFragment_modified_2025_captured.json",
+                "cloudevents_aem_assets_asset_published_sdf-example.json",
+            ),
         },
         routes="""\
 routes:
