@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 SHIPPED_CONFIG = ROOT / "config" / "bridge.yaml"
 OUTBOX = "/var/lib/events-bridge/outbox"
+JOURNAL = "/var/lib/events-bridge/journal"
 OUR_VARIABLES = (
     "EVENTS_BRIDGE_IMAGE",
     "RABBITMQ_IMAGE",
@@ -36,6 +37,11 @@ OUR_VARIABLES = (
     "BRIDGE_KEY_BASE_URL",
     "BRIDGE_DEV_KEYS",
     "BRIDGE_PUBLISHED_PORT",
+    "BRIDGE_JOURNAL_URL",
+    "BRIDGE_JOURNAL_START",
+    "BRIDGE_IMS_CLIENT_ID",
+    "BRIDGE_IMS_CLIENT_SECRET",
+    "BRIDGE_IMS_ORG_ID",
 )
 
 Service = dict[str, Any]
@@ -205,6 +211,27 @@ def test_outbox_is_a_named_volume(tool: list[str]) -> None:
     assert source in doc["volumes"]
     env = doc["services"]["events-bridge"]["environment"]
     assert env.get("BRIDGE_OUTBOX_DIR", OUTBOX) == OUTBOX
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_journal_is_off_and_its_position_on_a_named_volume(tool: list[str]) -> None:
+    doc = resolved(tool)
+    bridge = doc["services"]["events-bridge"]
+    source, read_only = mounts(bridge)[JOURNAL]
+    assert not read_only
+    assert source in doc["volumes"]
+    assert source != mounts(bridge)[OUTBOX][0]
+    env = bridge["environment"]
+    assert env["BRIDGE_JOURNAL_STATE_DIR"] == JOURNAL
+    assert env["BRIDGE_JOURNAL_URL"] in ("", None)  # empty: no journal
+    assert env["BRIDGE_JOURNAL_START"] == "latest"
+    on = resolved(
+        tool, BRIDGE_JOURNAL_URL="https://events.adobe.io/j", BRIDGE_IMS_CLIENT_SECRET="s3cret"
+    )["services"]["events-bridge"]["environment"]
+    assert on["BRIDGE_JOURNAL_URL"] == "https://events.adobe.io/j"
+    assert on["BRIDGE_IMS_CLIENT_SECRET"] == "s3cret"
+    referenced = set(re.findall(r"\$\{(BRIDGE_[A-Z_]+)", SHIPPED_CONFIG.read_text()))
+    assert {n for n in env if n.startswith(("BRIDGE_JOURNAL_", "BRIDGE_IMS_"))} <= referenced
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -118,6 +118,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "tls": {"server": {"secretName": "webhook-tls"}},
         "persistence": {"enabled": True},
     },
+    "journal-persistence": {
+        "replicaCount": 1,
+        "persistence": {"enabled": True},
+        "journal": {"url": "https://events.adobe.io/events/organizations/1/integrations/2/r"},
+    },
+    "journal-emptydir-own-secret": {
+        "replicaCount": 1,
+        "journal": {
+            "url": "https://events.adobe.io/events/organizations/1/integrations/2/r",
+            "start": "-PT2H",
+            "ims": {"existingSecret": "adobe-ims", "tokenUrl": "https://ims.example/token"},
+        },
+    },
+    "journal-replicas-allowed": {
+        "journal": {"url": "https://events.adobe.io/x", "allowReplicas": True},
+        "persistence": {"enabled": True},
+    },
     "workers-otel-config": {
         "bridge": {"workers": 3, "env": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4318"}},
         "config": {"bridgeYaml": "server: {port: 8080}\n"},
@@ -149,6 +166,13 @@ def test_lint_strict_finds_nothing(values_file: str | None) -> None:
 @pytest.mark.parametrize("values", SCENARIOS.values(), ids=SCENARIOS.keys())
 def test_renderings_are_valid_kubernetes_1_33(values: dict[str, Any]) -> None:
     validate(render(values))
+
+
+def test_lint_strict_finds_nothing_with_a_journal() -> None:
+    values = SCENARIOS["journal-persistence"]
+    report = helm_python.lint(CHART, values, strict=True, kube_version=f"v{KUBERNETES}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 def test_the_validator_can_fail() -> None:
@@ -489,6 +513,19 @@ def test_service_monitor() -> None:
             "tls.server.clientCa needs tls.server.secretName",
         ),
         ({"tls": {"broker": {"secretName": "s", "ca": False}}}, "set tls.broker.ca or"),
+        ({"journal": {"url": "https://j"}}, "journal.url with replicaCount=2"),
+        (
+            {"replicaCount": 3, "journal": {"url": "https://j"}, "persistence": {"enabled": True}},
+            "publish each event 3 times",
+        ),
+        (
+            {
+                "replicaCount": 1,
+                "journal": {"url": "https://j"},
+                "secret": {"create": True, "amqpUrl": "u", "clientIds": "a"},
+            },
+            "name it in journal.ims.existingSecret",
+        ),
     ],
     ids=[
         "claim-replicas",
@@ -499,6 +536,9 @@ def test_service_monitor() -> None:
         "drain-in-env",
         "mtls-without-https",
         "broker-secret-unused",
+        "journal-replicas",
+        "journal-replicas-persistent",
+        "journal-created-secret",
     ],
 )
 def test_values_that_cannot_work_fail_the_render(values: dict[str, Any], message: str) -> None:
@@ -622,3 +662,148 @@ def test_service_monitor_scrapes_https_when_the_pods_serve_it() -> None:
     (endpoint,) = only(render(values), "ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["scheme"] == "https"
     assert endpoint["tlsConfig"] == tls_config
+
+
+# -- the journal (SPEC §10): off by default; its position on the outbox's volume; one reader ----
+
+JOURNAL = "/var/lib/events-bridge/journal"
+JOURNAL_URL = "https://events.adobe.io/events/organizations/1/integrations/2/r"
+
+
+def journal_mount(container: dict[str, Any]) -> dict[str, Any]:
+    (found,) = [m for m in container["volumeMounts"] if m["mountPath"] == JOURNAL]
+    assert isinstance(found, dict)
+    return found
+
+
+def outbox_mount(container: dict[str, Any]) -> dict[str, Any]:
+    (found,) = [
+        m for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/events-bridge/outbox"
+    ]
+    assert isinstance(found, dict)
+    return found
+
+
+def test_no_journal_by_default() -> None:
+    for values in ({}, SCENARIOS["persistence"], ci_values("native-sidecar-values.yaml")):
+        container = bridge_container(pod_spec(render(values)))
+        env = env_of(container)
+        assert not {n for n in env if n.startswith(("BRIDGE_JOURNAL_", "BRIDGE_IMS_"))}
+        assert JOURNAL not in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_journal_variables_and_the_credential_from_the_release_secret() -> None:
+    manifests = render(SCENARIOS["journal-persistence"], release="prod")
+    env = env_of(bridge_container(pod_spec(manifests)))
+    assert env["BRIDGE_JOURNAL_URL"] == JOURNAL_URL
+    assert env["BRIDGE_JOURNAL_START"] == "latest"
+    assert env["BRIDGE_JOURNAL_STATE_DIR"] == JOURNAL
+    assert env["BRIDGE_IMS_CLIENT_ID"] == secret_ref("prod-events-bridge", "ims-client-id")
+    assert env["BRIDGE_IMS_CLIENT_SECRET"] == secret_ref("prod-events-bridge", "ims-client-secret")
+    assert env["BRIDGE_IMS_ORG_ID"] == secret_ref("prod-events-bridge", "ims-org-id")
+    assert "BRIDGE_IMS_TOKEN_URL" not in env  # the shipped config's default
+    assert "BRIDGE_IMS_SCOPES" not in env
+    journal_env = {n for n in env if n.startswith(("BRIDGE_JOURNAL_", "BRIDGE_IMS_"))}
+    assert journal_env <= SHIPPED_VARIABLES  # names the shipped config reads
+    assert "Secret" not in kinds(manifests)
+
+
+def test_journal_credential_from_its_own_secret_with_own_keys() -> None:
+    values = {
+        "replicaCount": 1,
+        "journal": {
+            "url": JOURNAL_URL,
+            "start": "oldest",
+            "ims": {
+                "existingSecret": "adobe-ims",
+                "clientIdKey": "id",
+                "clientSecretKey": "secret",
+                "orgIdKey": "org",
+                "tokenUrl": "https://ims-na1.adobelogin.com/ims/token/v3",
+                "scopes": "AdobeID,openid,adobeio_api",
+            },
+        },
+    }
+    env = env_of(bridge_container(pod_spec(render(values))))
+    assert env["BRIDGE_IMS_CLIENT_ID"] == secret_ref("adobe-ims", "id")
+    assert env["BRIDGE_IMS_CLIENT_SECRET"] == secret_ref("adobe-ims", "secret")
+    assert env["BRIDGE_IMS_ORG_ID"] == secret_ref("adobe-ims", "org")
+    assert env["BRIDGE_AMQP_URL"] == secret_ref(RELEASE, "amqp-url")  # the broker's stays
+    assert env["BRIDGE_JOURNAL_START"] == "oldest"
+    assert env["BRIDGE_IMS_TOKEN_URL"] == "https://ims-na1.adobelogin.com/ims/token/v3"
+    assert env["BRIDGE_IMS_SCOPES"] == "AdobeID,openid,adobeio_api"
+
+
+def test_an_operators_env_replaces_a_journal_variable() -> None:
+    values = {
+        "replicaCount": 1,
+        "journal": {"url": JOURNAL_URL},
+        "bridge": {"env": {"BRIDGE_IMS_CLIENT_ID": "plain-id", "BRIDGE_JOURNAL_START": "oldest"}},
+    }
+    env = env_of(bridge_container(pod_spec(render(values))))
+    assert env["BRIDGE_IMS_CLIENT_ID"] == "plain-id"
+    assert env["BRIDGE_JOURNAL_START"] == "oldest"
+    assert env["BRIDGE_IMS_CLIENT_SECRET"] == secret_ref(RELEASE, "ims-client-secret")
+
+
+def test_journal_position_on_each_replicas_claim() -> None:
+    """With persistence the position is the folder `journal` of the replica's own claim: it
+    survives new pods with the outbox, and the StatefulSet keeps one volumeClaimTemplate (those
+    cannot change on an existing StatefulSet, so a second claim would break upgrades)."""
+    manifests = render(SCENARIOS["journal-persistence"])
+    statefulset = only(manifests, "StatefulSet")
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    spec = statefulset["spec"]["template"]["spec"]
+    container = bridge_container(spec)
+    mount = journal_mount(container)
+    assert mount == {"name": claim["metadata"]["name"], "mountPath": JOURNAL, "subPath": "journal"}
+    assert outbox_mount(container)["name"] == mount["name"]
+    assert "readOnly" not in mount
+    assert env_of(container)["BRIDGE_JOURNAL_STATE_DIR"] == mount["mountPath"]
+    notes = helm_python.Chart.load(CHART).render(
+        SCENARIOS["journal-persistence"], name=RELEASE, namespace="ns"
+    )
+    text = next(text for path, text in notes.items() if path.endswith("NOTES.txt"))
+    assert "on the outbox's claim" in text
+
+
+def test_journal_position_on_an_existing_claim() -> None:
+    values = {**SCENARIOS["existing-claim"], "journal": {"url": JOURNAL_URL}}
+    deployment = only(render(values), "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    mount = journal_mount(bridge_container(spec))
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == "bridge-outbox"
+    assert mount["subPath"] == "journal"
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two readers
+
+
+def test_journal_position_without_persistence_is_on_the_emptydir_and_notes_say_so() -> None:
+    values = SCENARIOS["journal-emptydir-own-secret"]
+    spec = pod_spec(render(values))
+    mount = journal_mount(bridge_container(spec))
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert "emptyDir" in volume
+    notes = helm_python.Chart.load(CHART).render(values, name=RELEASE, namespace="ns")
+    text = next(text for path, text in notes.items() if path.endswith("NOTES.txt"))
+    assert "a new pod starts again at -PT2H" in text
+    assert "persistence.enabled=true" in text
+
+
+def test_journal_in_a_sidecar_pod() -> None:
+    values = {**ci_values("native-sidecar-values.yaml"), "journal": {"url": JOURNAL_URL}}
+    values["secret"] = {**values.get("secret", {}), "existingSecret": "events-bridge-broker"}
+    spec = pod_spec(render(values))
+    container = bridge_container(spec)
+    assert container["restartPolicy"] == "Always"
+    assert journal_mount(container)["subPath"] == "journal"
+    org = env_of(container)["BRIDGE_IMS_ORG_ID"]
+    assert org == secret_ref("events-bridge-broker", "ims-org-id")
+
+
+def test_journal_with_replicas_only_when_allowed() -> None:
+    manifests = render(SCENARIOS["journal-replicas-allowed"])
+    statefulset = only(manifests, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 2
+    container = bridge_container(statefulset["spec"]["template"]["spec"])
+    assert journal_mount(container)["subPath"] == "journal"

@@ -8,6 +8,7 @@ native-sidecar example puts the bridge among the init containers with restartPol
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -164,3 +165,66 @@ def test_native_sidecar_example() -> None:
     assert spec["terminationGracePeriodSeconds"] > stop_seconds(sidecar)
     (service,) = [m for m in manifests if m["kind"] == "Service"]
     assert service["spec"]["ports"][0]["targetPort"] == sidecar["ports"][0]["name"]
+
+
+# -- the journal (SPEC §10): commented out, and valid once uncommented ----------------------------
+
+COMMENTED_YAML = re.compile(r"^(\s+)# (- .*|  \S.*)$")  # `# - item` and `#   key:` under it
+SHIPPED_VARIABLES = set(
+    re.findall(r"\$\{(BRIDGE_[A-Z_]+)", (ROOT / "config" / "bridge.yaml").read_text())
+)
+JOURNAL = "/var/lib/events-bridge/journal"
+
+
+def uncommented(name: str) -> list[Manifest]:
+    """The file with its commented YAML lines (the journal's) taken in, as an operator would."""
+    lines = [
+        COMMENTED_YAML.sub(r"\1\2", line) for line in (MANIFESTS / name).read_text().splitlines()
+    ]
+    return [doc for doc in yaml.safe_load_all("\n".join(lines)) if doc]
+
+
+def bridge_of(manifests: list[Manifest]) -> dict[str, Any]:
+    spec = only(manifests, "Deployment")["spec"]["template"]["spec"]
+    (found,) = [
+        c
+        for c in [*spec.get("initContainers", []), *spec["containers"]]
+        if c["name"] == "events-bridge"
+    ]
+    assert isinstance(found, dict)
+    return found
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_the_journal_is_off_and_valid_once_uncommented(path: Path) -> None:
+    journal_names = ("BRIDGE_JOURNAL_", "BRIDGE_IMS_")
+    shipped = bridge_of(load(path.name))
+    assert not [n for n in env_of(shipped) if n.startswith(journal_names)]
+    assert JOURNAL not in {m["mountPath"] for m in shipped["volumeMounts"]}
+
+    manifests = uncommented(path.name)
+    validate(manifests)
+    container = bridge_of(manifests)
+    env = env_of(container)
+    journal = {n for n in env if n.startswith(journal_names)}
+    assert journal == {
+        "BRIDGE_JOURNAL_URL",
+        "BRIDGE_JOURNAL_START",
+        "BRIDGE_JOURNAL_STATE_DIR",
+        "BRIDGE_IMS_CLIENT_ID",
+        "BRIDGE_IMS_CLIENT_SECRET",
+        "BRIDGE_IMS_ORG_ID",
+    }
+    assert journal <= SHIPPED_VARIABLES
+    assert env["BRIDGE_JOURNAL_URL"].startswith("https://")
+    for name in ("BRIDGE_IMS_CLIENT_ID", "BRIDGE_IMS_CLIENT_SECRET", "BRIDGE_IMS_ORG_ID"):
+        assert env[name]["secretKeyRef"]["name"] == "events-bridge", name  # the Secret above
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == JOURNAL]
+    assert env["BRIDGE_JOURNAL_STATE_DIR"] == JOURNAL
+    assert mount["subPath"] == "journal"
+    spec = only(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert mount["name"] in {v["name"] for v in spec["volumes"]}
+    text = path.read_text()
+    for key in ("ims-client-id", "ims-client-secret", "ims-org-id"):
+        assert f"--from-literal={key}=" in text  # the comment says how to add it to the Secret
+    assert "replicas: 1" in text or only(manifests, "Deployment")["spec"]["replicas"] == 1

@@ -4,9 +4,12 @@
 
 Checks: every PromQL expression (the dashboard's targets and template variables, the alert
 rules) parses with ``promql_parser``; every metric they select is exported on the ``/metrics`` of
-a real ``events-bridge serve`` on the real broker, after a few requests; every label they match
-on or group by exists on that metric; the dashboard's structure; the rules' shape; and
-``promtool check rules`` where promtool is installed (it is not required: the parse is the check).
+a real ``events-bridge serve`` on the real broker, after a few requests and with a local Adobe
+journal to pull (``tests/adobe_journal.py``: one failed answer, a page of events, the end), so that
+the journal's labelled series exist; every label they match on or group by exists on that metric;
+every value they match a label against exactly (``=``, ``!=``) is one the daemon exported or its
+metric's help names; the dashboard's structure; the rules' shape; and ``promtool check rules``
+where promtool is installed (it is not required: the parse is the check).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import metrics
 from bridge.config import BrokerConfig
+from tests.adobe_journal import JournalServer
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, SAMPLES, SigningKey
 from tests.processes import Daemon, daemon_env
@@ -41,6 +46,8 @@ from tests.test_cli import isolated_config
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "events-bridge.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+# promtool's unit tests of the journal's alerts (run where promtool is installed)
+JOURNAL_ALERT_TESTS = Path(__file__).with_name("journal_alerts_test.yaml")
 
 # What Prometheus itself provides, the only names allowed besides the daemon's: the series
 # ``up`` of every target, and the target labels it puts on every series it scrapes.
@@ -105,6 +112,8 @@ class Uses:
 
     metrics: set[str] = field(default_factory=set)
     labels: set[tuple[str, str]] = field(default_factory=set)
+    # (metric, label, value) of every exact matcher (= and !=): a made-up value matches nothing
+    values: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 def selected(expr: promql_parser.Expr) -> list[promql_parser.VectorSelector]:
@@ -154,6 +163,12 @@ def uses_of(expr: promql_parser.Expr) -> Uses:
             name = metric_of(node)
             uses.metrics.add(name)
             uses.labels.update((name, m.name) for m in matchers_of(node) if m.name != "__name__")
+            exact = (promql_parser.MatchOp.Equal, promql_parser.MatchOp.NotEqual)
+            uses.values.update(
+                (name, m.name, m.value)
+                for m in matchers_of(node)
+                if m.name != "__name__" and m.op in exact
+            )
         elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
             if node.modifier.type == promql_parser.AggModifierType.By:
                 grouped(node.modifier.labels, node.expr)
@@ -220,6 +235,38 @@ def test_every_alert_says_how_long_how_bad_and_what_to_do() -> None:
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def with_labels(template: str, labels: dict[str, str]) -> str:
+    """An annotation as Prometheus renders it, where it says only ``{{ $labels.x }}``."""
+    for name, value in labels.items():
+        template = template.replace(f"{{{{ $labels.{name} }}}}", value)
+    return template
+
+
+def test_journal_alerts_fire_when_they_should_and_only_then(tmp_path: Path) -> None:
+    """``promtool test rules`` on journal_alerts_test.yaml: each journal alert has a case, and
+    the quiet journal, the backlog that ends, the outage that mends fire nothing."""
+    by_name = {rule["alert"]: rule for rule in rules()}
+    doc = yaml.safe_load(JOURNAL_ALERT_TESTS.read_text())
+    tested = {case["alertname"] for test in doc["tests"] for case in test["alert_rule_test"]}
+    assert {name for name in by_name if name.startswith("EventsBridgeJournal")} <= tested
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    doc["rule_files"] = [str(ALERTS)]
+    for test in doc["tests"]:
+        for case in test["alert_rule_test"]:
+            for alert in case["exp_alerts"]:
+                annotations = by_name[case["alertname"]]["annotations"].items()
+                filled = {key: with_labels(text, alert["exp_labels"]) for key, text in annotations}
+                alert["exp_annotations"] = {**filled, **alert.get("exp_annotations", {})}
+    written = tmp_path / JOURNAL_ALERT_TESTS.name
+    written.write_text(yaml.safe_dump(doc, sort_keys=False, width=1000))
+    checked = subprocess.run(
+        [promtool, "test", "rules", str(written)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 # -- against a real daemon -----------------------------------------------------------------------
 
 
@@ -232,6 +279,48 @@ def declared_labels() -> dict[str, frozenset[str]]:
         for metric in vars(metrics).values()
         if isinstance(metric, MetricWrapperBase)
     }
+
+
+def documented_values() -> dict[tuple[str, str], set[str]]:
+    """(series, label) to the values its metric's help names: "..., by kind: network, token
+    (IMS), state." gives kind: network, token, state (parenthesised remarks left out)."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for metric in vars(metrics).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        family = next(iter(metric.describe()))
+        help_text = re.sub(r"\([^)]*\)", "", metric._documentation)  # noqa: SLF001
+        for label, listed in re.findall(r"\bby (\w+): ([^.]*)", help_text):
+            words = set(re.findall(r"\b[a-z][a-z0-9_]*\b", listed))
+            for suffix in SUFFIXES.get(family.type, ("",)):
+                found.setdefault((family.name + suffix, label), set()).update(words)
+    return found
+
+
+def unknown_values(uses: Uses, text: str) -> list[tuple[str, str, str]]:
+    """The exact matches of ``uses`` on a value that neither the exposition ``text`` shows nor
+    the metric's help names (target labels and Prometheus's own series left aside)."""
+    known = documented_values()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                known.setdefault((sample.name, label), set()).add(value)
+    return sorted(
+        (name, label, value)
+        for name, label, value in uses.values
+        if name not in BUILTIN_METRICS
+        and label not in TARGET_LABELS
+        and value not in known.get((name, label), set())
+    )
+
+
+def test_a_made_up_label_value_is_caught() -> None:
+    """The value check has teeth: a kind the daemon never sets is refused, a documented one is
+    not (even before any series has it)."""
+    made_up = uses_of(promql_parser.parse('rate(bridge_journal_errors_total{kind="tokens"}[5m])'))
+    assert unknown_values(made_up, "") == [("bridge_journal_errors_total", "kind", "tokens")]
+    real = uses_of(promql_parser.parse('rate(bridge_journal_errors_total{kind!="token"}[5m])'))
+    assert unknown_values(real, "") == []
 
 
 SUFFIXES = {
@@ -297,21 +386,69 @@ def scrape(daemon: Daemon) -> str:
         return text
 
 
+JOURNAL_EVENTS = 3
+# What the local journal makes the daemon export: a 500 first, then a page of events, then the
+# end (204); and the token it asked IMS for.
+JOURNAL_SERIES = (
+    'bridge_journal_errors_total{kind="server"}',
+    'bridge_journal_pages_total{result="events"}',
+    'bridge_journal_pages_total{result="empty"}',
+    'bridge_journal_token_renewals_total{reason="first"}',
+    f"bridge_journal_events_total {float(JOURNAL_EVENTS)}",
+)
+
+
+def journal_env(server: JournalServer, folder: Path) -> dict[str, str]:
+    """The variables the shipped config reads for the journal, pointed at ``server``."""
+    return {
+        "BRIDGE_JOURNAL_URL": server.journal_url,
+        "BRIDGE_JOURNAL_START": "oldest",
+        "BRIDGE_JOURNAL_STATE_DIR": str(folder),
+        "BRIDGE_IMS_TOKEN_URL": server.token_url,
+        "BRIDGE_IMS_CLIENT_ID": server.client_id,
+        "BRIDGE_IMS_CLIENT_SECRET": server.client_secret,
+        "BRIDGE_IMS_ORG_ID": server.org_id,
+    }
+
+
+def journal_events(count: int) -> list[dict[str, Any]]:
+    event = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
+    return [
+        {**event, "event_id": str(uuid.uuid4()), "recipientclientid": CLIENT_ID}
+        for _ in range(count)
+    ]
+
+
+def scrape_until(daemon: Daemon, ready: Callable[[str], bool], seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    text = scrape(daemon)
+    while not ready(text):
+        assert time.monotonic() < deadline, f"{text}\n{daemon.log_file.read_text()[-3000:]}"
+        time.sleep(0.2)
+        text = scrape(daemon)
+    return text
+
+
 def test_the_daemon_exports_every_metric_and_label_the_queries_use(
     tmp_path: Path, amqp_url: str, forget_topology: list[BrokerConfig]
 ) -> None:
     signer = SigningKey.generate()
     env = daemon_env(tmp_path, signer, amqp_url)
-    daemon = Daemon(isolated_config(tmp_path, forget_topology), env)
-    try:
-        daemon.wait_ready()
-        statuses = exercise(daemon, signer)
-        text = scrape(daemon)
-        code, _ = daemon.stop()
-    finally:
-        daemon.kill()
+    with JournalServer(retry_after=0.5) as journal:
+        env.update(journal_env(journal, tmp_path / "journal"))
+        journal.add_many(journal_events(JOURNAL_EVENTS))
+        journal.fail_next(500)  # a problem of one kind, so that the errors have a series
+        daemon = Daemon(isolated_config(tmp_path, forget_topology), env)
+        try:
+            daemon.wait_ready()
+            statuses = exercise(daemon, signer)
+            text = scrape_until(daemon, lambda text: all(s in text for s in JOURNAL_SERIES))
+            code, logs = daemon.stop()
+        finally:
+            daemon.kill()
     assert statuses == [200, 200, 401, 200, 200, 400]
     assert code == 0
+    assert "journal_started" in {line["event"] for line in logs}
     series = exported(text)
     assert "bridge_outbox_oldest_age_seconds 0.0" in text.splitlines()  # nothing waits
     assert {"bridge_events_published_total", "bridge_requests_total"} <= series.keys()
@@ -321,7 +458,10 @@ def test_the_daemon_exports_every_metric_and_label_the_queries_use(
         uses.metrics |= found.metrics
         uses.labels |= found.labels
         uses.labels.update((name, label) for name in found.metrics if label is not None)
+        uses.values |= found.values
     known = {**series, **{name: set(labels) for name, labels in BUILTIN_METRICS.items()}}
     assert sorted(uses.metrics - known.keys()) == [], "queried, but not exported"
     unknown = sorted((name, label) for name, label in uses.labels if label not in known[name])
     assert unknown == [], "labels the metric does not have"
+    assert unknown_values(uses, text) == [], "label values the daemon never sets"
+    assert any(name.startswith("bridge_journal_") for name in uses.metrics)

@@ -182,6 +182,9 @@ def test_spec_contract(unit: Unit) -> None:
         pair.split("=", 1) for line in values(unit, service, "Environment") for pair in line.split()
     )
     assert environment["BRIDGE_OUTBOX_DIR"].startswith(f"%S/{state}/")
+    # The journal's position (SPEC §10) persists beside the outbox, in a folder of its own.
+    assert environment["BRIDGE_JOURNAL_STATE_DIR"] == f"%S/{state}/journal"
+    assert environment["BRIDGE_JOURNAL_STATE_DIR"] != environment["BRIDGE_OUTBOX_DIR"]
     assert one(unit, service, "Type") == "exec"  # the daemon does not speak sd_notify
     assert one(unit, service, "ExecStart").startswith(
         f"{INSTALLED} serve --config /etc/events-bridge/bridge.yaml"
@@ -243,6 +246,18 @@ def test_example_environment_file(unit: Unit) -> None:
     assert {"BRIDGE_AMQP_URL", "BRIDGE_CLIENT_IDS"} <= settings.keys()
     assert "CHANGE-ME" in settings["BRIDGE_AMQP_URL"]
     assert "BRIDGE_OUTBOX_DIR" not in settings  # the unit keeps it under StateDirectory
+    assert "BRIDGE_JOURNAL_STATE_DIR" not in settings  # likewise
+    assert not {k for k in settings if k.startswith(("BRIDGE_JOURNAL_", "BRIDGE_IMS_"))}  # off
+    journal = {
+        "BRIDGE_JOURNAL_URL",
+        "BRIDGE_JOURNAL_START",
+        "BRIDGE_IMS_CLIENT_ID",
+        "BRIDGE_IMS_CLIENT_SECRET",
+        "BRIDGE_IMS_ORG_ID",
+        "BRIDGE_IMS_TOKEN_URL",
+        "BRIDGE_IMS_SCOPES",
+    }
+    assert journal <= set(re.findall(r"^#(BRIDGE_[A-Z_]+)=", ENV_FILE.read_text(), re.M))
     referenced = set(re.findall(r"\$\{(BRIDGE_[A-Z_]+)", SHIPPED_CONFIG.read_text()))
     documented = set(re.findall(r"\b(BRIDGE_[A-Z_]+)=", ENV_FILE.read_text()))
     assert (documented - {"BRIDGE_WORKERS"}) <= referenced  # no variable the config ignores

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 
+from tests.adobe_journal import JournalServer
 from tests.conftest import ROOT
 from tests.helpers import CLIENT_ID, EVENTS, KEY_PATH, KeyServer, SigningKey
 from tests.image.conftest import IMAGE, Podman, http_json, record, wait_for
@@ -42,6 +44,7 @@ SAMPLE = EVENTS / "imaging_lightroom-job-status_succeeded.json"
 LIGHTROOM = orjson.loads(SAMPLE.read_bytes())
 MAX_IMAGE_BYTES = 300 * 1000 * 1000
 CHART = ROOT / "deploy" / "helm" / "events-bridge"
+JOURNAL_DIR = "/var/lib/events-bridge/journal"
 
 
 def bridge_env(amqp_url: str, port: int) -> list[str]:
@@ -66,8 +69,10 @@ def test_the_image_keeps_its_contract(podman: Podman) -> None:
     env = dict(line.split("=", 1) for line in config["Env"])
     assert env["BRIDGE_HOST"] == "0.0.0.0"
     assert env["BRIDGE_OUTBOX_DIR"] == "/var/lib/events-bridge/outbox"
+    assert env["BRIDGE_JOURNAL_STATE_DIR"] == JOURNAL_DIR
     assert not {"PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"} & set(env)
     assert "/var/lib/events-bridge/outbox" in config["Volumes"]
+    assert JOURNAL_DIR in config["Volumes"]
     assert config["StopSignal"] in ("SIGTERM", "15")
     assert "8080/tcp" in config["ExposedPorts"]
     health = podman("image", "inspect", "--format", "{{json .HealthCheck}}", IMAGE).stdout
@@ -143,16 +148,19 @@ def test_the_readme_walkthrough_through_the_container(
     wait_for(f"http://127.0.0.1:{port}/readyz", {"broker": "connected"})
     record(ready_seconds=round(time.monotonic() - started, 2))
 
-    # As an operator's container: uid 10001, no capabilities, nothing writable but the volume.
+    # As an operator's container: uid 10001, no capabilities, nothing writable but the volumes
+    # (the journal's is the image's own VOLUME here: no -v names it).
     inside = podman(
         "exec", name, "/bin/sh", "-c",
         "id -u; grep CapEff /proc/1/status; touch /etc/x /tmp/x 2>&1; "
-        "touch /var/lib/events-bridge/outbox/probe && echo outbox-writable",
+        "touch /var/lib/events-bridge/outbox/probe && echo outbox-writable; "
+        f"touch {JOURNAL_DIR}/probe && echo journal-writable",
     ).stdout  # fmt: skip
     assert inside.splitlines()[0] == "10001"
     assert "CapEff:\t0000000000000000" in inside
     assert inside.count("Read-only file system") == 2
     assert "outbox-writable" in inside
+    assert "journal-writable" in inside
 
     healthy = podman("healthcheck", "run", name, check=False)
     assert healthy.returncode == 0, healthy.stderr
@@ -274,6 +282,98 @@ async def test_sigkill_with_a_backlog_then_a_new_container_delivers_every_event(
             got[message.message_id or ""] = message.body
     record(sigkill_backlog={"sent": len(bodies), "delivered": len(got), "copies": copies})
     assert got == bodies  # every event, byte for byte, and nothing else
+
+
+def metric_value(port: int, sample: str) -> float | None:
+    """The value of ``sample`` (a series with its labels) on the daemon's /metrics, or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return None
+
+
+def wait_metric(port: int, sample: str, want: float, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while (found := metric_value(port, sample)) != want:
+        assert time.monotonic() < deadline, f"{sample}: {found}, not {want}"
+        time.sleep(0.2)
+
+
+def journal_started(podman: Podman, name: str) -> dict[str, Any]:
+    lines = [json.loads(line) for line in podman.logs(name).splitlines() if line.startswith("{")]
+    (started,) = [line for line in lines if line.get("event") == "journal_started"]
+    assert not [line for line in lines if line.get("event") == "journal_not_started"]
+    assert isinstance(started, dict)
+    return started
+
+
+async def test_the_journal_position_is_kept_on_its_volume_across_containers(
+    podman: Podman, amqp_url: str, signing: tuple[SigningKey, Path]
+) -> None:
+    """Read-only root, no capabilities: the journal (a local Adobe journal and IMS on the host's
+    loopback) is pulled, its position kept in the volume on /var/lib/events-bridge/journal; a new
+    container on that volume resumes after it and publishes nothing again."""
+    _, keys = signing
+    code = f"image-journal-{uuid.uuid4().hex[:8]}"
+    volume = podman.volume("journal")
+    with JournalServer(retry_after=0.5) as journal:
+        bodies = {f"{code}-{i}": cloud_event(code, f"{code}-{i}") for i in range(3)}
+        for body in bodies.values():
+            journal.add(orjson.loads(body))
+        env = {
+            "BRIDGE_JOURNAL_URL": journal.journal_url,
+            "BRIDGE_JOURNAL_START": "oldest",
+            "BRIDGE_IMS_TOKEN_URL": journal.token_url,
+            "BRIDGE_IMS_CLIENT_ID": journal.client_id,
+            "BRIDGE_IMS_CLIENT_SECRET": journal.client_secret,
+            "BRIDGE_IMS_ORG_ID": journal.org_id,
+        }
+        args = [arg for name, value in env.items() for arg in ("-e", f"{name}={value}")]
+        mounts = ["-v", f"{keys}:/keys:ro", "-v", f"{volume}:{JOURNAL_DIR}"]
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await asyncio.to_thread(
+                podman, "run", "--rm", "--network", "host", "-e", f"BRIDGE_AMQP_URL={amqp_url}",
+                "-e", f"BRIDGE_CLIENT_IDS={CLIENT_ID}", IMAGE, "declare",
+            )  # fmt: skip
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind("adobe.events", routing_key=f"{code}.#")
+
+            port = free_port()
+            first = podman.run("journal-1", *bridge_env(amqp_url, port), *args, *mounts)
+            await asyncio.to_thread(wait_metric, port, "bridge_journal_events_total", 3.0)
+            await asyncio.to_thread(
+                wait_metric, port, 'bridge_journal_pages_total{result="empty"}', 1.0
+            )
+            kept = podman("exec", first, "ls", "-A", JOURNAL_DIR).stdout.split()
+            assert ".lock" in kept
+            assert len([f for f in kept if f.startswith("position-")]) == 1, kept
+            podman("stop", "-t", "40", first, timeout=60)
+            assert podman.inspect(first)["State"]["ExitCode"] == 0
+            assert journal_started(podman, first)["resume_after"] is None
+
+            # A new container on the same volume: it resumes after the last event.
+            port = free_port()
+            second = podman.run("journal-2", *bridge_env(amqp_url, port), *args, *mounts)
+            await asyncio.to_thread(
+                wait_metric, port, 'bridge_journal_pages_total{result="empty"}', 1.0
+            )
+            assert journal_started(podman, second)["resume_after"] == journal.positions[-1]
+            assert metric_value(port, "bridge_journal_events_total") == 0.0
+            podman("stop", "-t", "40", second, timeout=60)
+
+            got: list[str] = []
+            await asyncio.sleep(0.5)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                got.append(message.message_id or "")
+    assert sorted(got) == sorted(bodies)  # each event once, none again from the second
 
 
 def failed_job(job: str) -> bytes:

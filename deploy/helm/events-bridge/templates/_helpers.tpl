@@ -104,6 +104,14 @@ after the app has exited, so the app's time adds up; regular containers stop sid
 {{- if and .Values.secret.create (not .Values.secret.clientIds) (not .Values.bridge.clientIds) }}
 {{- fail "secret.create needs secret.clientIds (or bridge.clientIds)" }}
 {{- end }}
+{{- with .Values.journal }}
+{{- if and .url (gt (int $.Values.replicaCount) 1) (not .allowReplicas) }}
+{{- fail (printf "journal.url with replicaCount=%d: every replica would pull the whole journal and publish each event %d times (each keeps its own position and deduplicates alone). Set replicaCount=1 (with persistence.enabled=true, so the position survives new pods), or journal.allowReplicas=true if your consumers drop duplicates by message_id" (int $.Values.replicaCount) (int $.Values.replicaCount)) }}
+{{- end }}
+{{- if and .url $.Values.secret.create (not .ims.existingSecret) }}
+{{- fail "journal.url with secret.create: the chart-made Secret holds no IMS credential; create a Secret with it and name it in journal.ims.existingSecret" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.sidecar.enabled (not .Values.sidecar.containers) }}
 {{- fail "sidecar.enabled needs sidecar.containers: your app's containers" }}
 {{- end }}
@@ -116,6 +124,9 @@ after the app has exited, so the app's time adds up; regular containers stop sid
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Where the journal's position is kept (BRIDGE_JOURNAL_STATE_DIR, the image's too). */}}
+{{- define "events-bridge.journalDir" -}}/var/lib/events-bridge/journal{{- end }}
 
 {{/* Where the TLS Secrets are mounted (read-only). */}}
 {{- define "events-bridge.tlsDir" -}}/etc/ssl/events-bridge/{{ . }}{{- end }}
@@ -196,6 +207,29 @@ httpGet:
   "BRIDGE_LOG_FORMAT" $b.logFormat
 }}
 {{- $plain = merge $plain (include "events-bridge.tlsEnv" . | fromJson) }}
+{{- with .Values.journal }}
+{{- if .url }}
+{{- $_ := set $plain "BRIDGE_JOURNAL_URL" .url }}
+{{- $_ := set $plain "BRIDGE_JOURNAL_START" (default "latest" .start) }}
+{{- $_ := set $plain "BRIDGE_JOURNAL_STATE_DIR" (include "events-bridge.journalDir" $) }}
+{{- with .ims.tokenUrl }}
+{{- $_ := set $plain "BRIDGE_IMS_TOKEN_URL" . }}
+{{- end }}
+{{- with .ims.scopes }}
+{{- $_ := set $plain "BRIDGE_IMS_SCOPES" . }}
+{{- end }}
+{{- $imsSecret := default $secret .ims.existingSecret }}
+{{- range $name, $key := dict "BRIDGE_IMS_CLIENT_ID" .ims.clientIdKey "BRIDGE_IMS_CLIENT_SECRET" .ims.clientSecretKey "BRIDGE_IMS_ORG_ID" .ims.orgIdKey }}
+{{- if not (hasKey $b.env $name) }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $imsSecret }}
+      key: {{ $key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $name, $value := merge (deepCopy $b.env) $plain }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
@@ -270,6 +304,12 @@ httpGet:
       readOnly: true
     - name: events-bridge-outbox
       mountPath: /var/lib/events-bridge/outbox
+    {{- if .Values.journal.url }}
+    # The journal's position: the folder `journal` of the outbox's volume (values.yaml, journal).
+    - name: events-bridge-outbox
+      mountPath: {{ include "events-bridge.journalDir" . }}
+      subPath: journal
+    {{- end }}
     - name: events-bridge-tmp
       mountPath: /tmp
     {{- range $side := list "server" "broker" }}
