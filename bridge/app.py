@@ -12,6 +12,7 @@ Routes: ``<registration path>`` (GET challenge, POST events), ``/healthz``, ``/r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -216,6 +217,8 @@ def _journal(config: Config, intake: Intake) -> Callable[[web.Application], Asyn
         reader.stop()
         await asyncio.wait({task}, timeout=_page_seconds(config) + 5)
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # run_reader logged it
+            await task  # a position being saved in its thread is saved before the lock goes
         checkpoint.close()
 
     return pull

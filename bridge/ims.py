@@ -30,6 +30,7 @@ log = structlog.get_logger("bridge.ims")
 MAX_ANSWER_BYTES: Final = 64 * 1024
 MIN_MARGIN: Final = 60.0
 MAX_MARGIN: Final = 3600.0
+RETRY_RENEWAL: Final = 30.0  # seconds between tries while a failed renewal leaves a live token
 
 
 class Tokens:
@@ -44,7 +45,7 @@ class Tokens:
     ) -> None:
         self.config, self.session, self.timeout, self.clock = config, session, timeout, clock
         self._token: str | None = None
-        self._renew_at = 0.0
+        self._renew_at = self._expires_at = 0.0
         self._lock = asyncio.Lock()
         self._reason = "first"
 
@@ -52,7 +53,15 @@ class Tokens:
         """A token to send now: the cached one, or a new one."""
         async with self._lock:
             if self._token is None or self.clock() >= self._renew_at:
-                await self._renew()
+                try:
+                    await self._renew()
+                except JournalProblem as problem:
+                    if self._token is None or self.clock() >= self._expires_at:
+                        raise
+                    # IMS did not give the next one, but this one has a while to live: use
+                    # it, and ask again in a little while, not at every request.
+                    self._renew_at = min(self.clock() + RETRY_RENEWAL, self._expires_at)
+                    log.warning("ims_token_not_renewed", detail=problem.detail, action="retrying")
             assert self._token is not None
             return self._token
 
@@ -76,12 +85,14 @@ class Tokens:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 allow_redirects=False,
             ) as answer:
-                body = await answer.content.read(MAX_ANSWER_BYTES + 1)
+                body = await _read_capped(answer.content)
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise JournalProblem("token", f"IMS token request failed: {_text(exc)}") from None
+            # Not the credential's fault: retried like any network problem, also by a one-shot.
+            raise JournalProblem("network", f"IMS token request failed: {_text(exc)}") from None
         access, lifetime = _read(status, body)
         self._token = access
+        self._expires_at = self.clock() + lifetime
         margin = min(max(lifetime / 10, MIN_MARGIN), MAX_MARGIN)
         self._renew_at = self.clock() + max(lifetime - margin, lifetime / 2)
         self._reason = "expiring"
@@ -111,6 +122,18 @@ def _read(status: int, body: bytes) -> tuple[str, float]:
     if expires > 10**7:  # milliseconds (IMS's v2 endpoints said expires_in in ms)
         expires = expires / 1000
     return access, float(expires)
+
+
+async def _read_capped(content: aiohttp.StreamReader) -> bytes:
+    """The body to its end, or its first ``MAX_ANSWER_BYTES + 1`` bytes: ``read(n)`` gives what
+    has come so far, which may be a piece of it."""
+    body = b""
+    while len(body) <= MAX_ANSWER_BYTES:
+        chunk = await content.read(MAX_ANSWER_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 def _text(exc: BaseException) -> str:

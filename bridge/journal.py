@@ -8,10 +8,12 @@ The loop, as Adobe's Journaling API asks (``bridge.adobe.journal`` has the proto
   outbox) is read again after a pause; the position never runs ahead of what is safe.
 - ``204``: the end for now; wait ``retry-after`` (``--until-end``: stop), follow ``next``.
 - ``401``: the token is renewed at once, once; ``429`` and ``5xx``: back off (``retry-after``
-  when given, else 1 s doubling to 60 s, with jitter); ``410``: the position expired (7 days),
-  so start again from the oldest event kept, with a warning; other answers: back off and log.
+  when given, else 1 s doubling to 60 s, with jitter); ``410`` to a ``since``: the position
+  expired (7 days), so start again from the oldest event kept, with a warning; other answers:
+  back off and log. No wait is shorter than :data:`MIN_WAIT`, whatever ``retry-after`` says.
+- :meth:`JournalReader.stop` ends a request still unanswered at once (no page is in hand).
 - A page larger than :data:`~bridge.adobe.journal.MAX_PAGE_BYTES` is not read: the ``limit``
-  is halved for the next try (and grows back after a good page).
+  is halved for the next try (and grows back by a quarter after each good page).
 
 Errors never end ``serve``'s reader (the webhooks go on; ``/readyz`` does not look at it).
 ``events-bridge journal`` ends, with one line, on the ones a retry cannot mend (``fatal``).
@@ -25,10 +27,10 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 import structlog
@@ -55,11 +57,13 @@ log = structlog.get_logger("bridge.journal")
 MIN_BACKOFF: Final = 1.0
 MAX_BACKOFF: Final = 60.0
 END_WAIT: Final = 10.0  # seconds after a 204 that says no retry-after (Adobe says 10)
+MIN_WAIT: Final = 0.5  # seconds: the shortest pause a retry-after (0, a past date) can ask for
 ACCEPT: Final = "application/vnd.adobecloud.events+json, application/json"
 # For a one-shot reader, the problems no retry mends:
 FATAL: Final = frozenset({"rejected", "unauthorized", "token", "bad_link"})
 
 Taker = Callable[[Page], Awaitable[bool]]
+T = TypeVar("T")
 
 
 class JournalFailed(Exception):
@@ -136,27 +140,11 @@ class JournalReader:
     async def _step(self, session: aiohttp.ClientSession, tokens: Tokens) -> float | None:
         """One request and what follows from its answer; the seconds to wait before the next
         (None: done)."""
-        token = await tokens.token()
-        ims = self.config.ims
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "x-api-key": ims.client_id,
-            "x-ims-org-id": ims.org_id,
-            "Accept": ACCEPT,
-        }
         url = with_query(self.url, limit=self._limit)
-        try:
-            async with session.get(
-                url,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-                allow_redirects=False,
-            ) as answer:
-                status, said = answer.status, answer.headers
-                link = links(", ".join(said.getall("Link", [])))
-                body = await _read(answer) if status == 200 else b""
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self._failed("network", f"journal request failed: {_text(exc)}")
+        asked = await self._unless_stopped(self._ask(session, tokens, url))
+        if asked is None:  # stopped while Adobe (or IMS) had not answered: no page in hand
+            return None
+        token, status, said, link, body = asked
         if status != 401:
             self._unauthorized = 0
         wait_said = said.get("retry-after")
@@ -171,12 +159,52 @@ class JournalReader:
                 metrics.JOURNAL_ERRORS.labels("unauthorized").inc()
                 return 0.0  # a token that expired early: a new one, at once
             return self._failed("unauthorized", "the journal refused a fresh token (401)")
-        if status == 410:
+        if status == 410 and query_value(url, "since"):  # only a position expires
             return self._expired()
         if status == 429 or status >= 500:
             kind = "throttled" if status == 429 else "server"
             return self._failed(kind, f"the journal answered {status}", wait_said)
         return self._failed("rejected", f"the journal answered {status}")
+
+    async def _ask(
+        self, session: aiohttp.ClientSession, tokens: Tokens, url: str
+    ) -> tuple[str, int, Mapping[str, str], dict[str, str], bytes]:
+        """The token sent, and the answer: status, headers, links, body (a ``200``'s only)."""
+        token = await tokens.token()
+        ims = self.config.ims
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "x-api-key": ims.client_id,
+            "x-ims-org-id": ims.org_id,
+            "Accept": ACCEPT,
+        }
+        try:
+            async with session.get(
+                url,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+                allow_redirects=False,
+            ) as answer:
+                status, said = answer.status, answer.headers
+                link = links(", ".join(said.getall("Link", [])))
+                body = await _read(answer) if status == 200 else b""
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise JournalProblem("network", f"journal request failed: {_text(exc)}") from None
+        return token, status, said, link, body
+
+    async def _unless_stopped(self, work: Coroutine[object, object, T]) -> T | None:
+        """``work``'s result, or None once :meth:`stop` comes first (``work`` is cancelled)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return task.result() if not task.cancelled() else None
 
     async def _page(self, url: str, body: bytes, link: dict[str, str]) -> float | None:
         page = parse_page(body)
@@ -198,7 +226,7 @@ class JournalReader:
             if following
             else with_query(url, since=page.last, latest=None, seek=None)
         )
-        self._limit = min(self._limit * 2, self.config.limit)
+        self._limit = min(self._limit + max(self._limit // 4, 1), self.config.limit)
         self._backoff = MIN_BACKOFF
         self._report()
         return 0.0
@@ -218,7 +246,7 @@ class JournalReader:
         self._report()
         if self.until_end:
             return None
-        return retry_after(wait_said, END_WAIT, datetime.now(UTC))
+        return max(retry_after(wait_said, END_WAIT, datetime.now(UTC)), MIN_WAIT)
 
     def _expired(self) -> float:
         metrics.JOURNAL_ERRORS.labels("expired").inc()
@@ -240,7 +268,8 @@ class JournalReader:
             self._limit = max(self._limit // 2, 1)
         if kind in self.fatal:
             raise JournalFailed(detail)
-        wait = retry_after(wait_said, self._backoff * random.uniform(0.8, 1.2), datetime.now(UTC))  # noqa: S311
+        backoff = self._backoff * random.uniform(0.8, 1.2)  # noqa: S311
+        wait = max(retry_after(wait_said, backoff, datetime.now(UTC)), MIN_WAIT)
         self._backoff = min(self._backoff * 2, MAX_BACKOFF)
         if not quiet:
             metrics.JOURNAL_ERRORS.labels(kind).inc()

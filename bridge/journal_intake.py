@@ -67,6 +67,19 @@ class JournalIntake:
         context = RequestContext(self.registration, datetime.now(UTC))
         deadline = asyncio.get_running_loop().time() + self.deadline_seconds
         outcome = await self.intake.take_delivery(Delivery(tuple(events), True), context, deadline)
+        if outcome.refusal is not None and outcome.refusal.reason == "unpublishable":
+            # Every other message is confirmed; this one no broker takes as it is (too large
+            # for max_message_size), and reading the page again would not change that. With an
+            # outbox it would be in the quarantine; without one it is reported here, and skipped.
+            metrics.JOURNAL_ERRORS.labels("unpublishable").inc()
+            log.error(
+                "journal_event_unpublishable",
+                detail=outcome.refusal.detail,
+                event_id=outcome.facts.get("event_id"),
+                position=page.last,
+                action="skipped; turn the outbox on to keep such events in the quarantine",
+            )
+            return True
         if outcome.refusal is not None:
             metrics.JOURNAL_ERRORS.labels("deliver").inc()
             log.warning(

@@ -42,7 +42,14 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         ]
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        processors = [
+            *shared,
+            structlog.dev.ConsoleRenderer(
+                colors=sys.stderr.isatty(),
+                # never rich's: it prints local variables, and a token or a secret is one
+                exception_formatter=structlog.dev.plain_traceback,
+            ),
+        ]
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=processors,

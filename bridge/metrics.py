@@ -207,7 +207,8 @@ JOURNAL_PAGES = Counter(
 JOURNAL_ERRORS = Counter(
     "bridge_journal_errors",
     "Journal problems, by kind: network, token, unauthorized, rejected, throttled, server, "
-    "expired, bad_page, page_too_large, bad_link, deliver, refused, bad_event, state.",
+    "expired, bad_page, page_too_large, bad_link, deliver, refused, bad_event, unpublishable, "
+    "state.",
     ["kind"],
     registry=REGISTRY,
 )

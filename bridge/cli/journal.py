@@ -5,6 +5,7 @@ a backfill after an outage, a look at what Adobe kept (``--dry-run``), or, run b
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,9 @@ messages. Stops at Ctrl-C or SIGTERM after the page in hand, or at the end of th
 journal with --until-end.
 
 Where it starts:
-  (no option)      where the last run stopped: the kept position in journal.state_dir,
-                   shared with `serve` (which must not be pulling at the same time);
+  (no option)      where the last run stopped: the kept position in journal.state_dir
+                   (BRIDGE_JOURNAL_STATE_DIR), shared with `serve` (which must not be
+                   pulling at the same time); --dry-run reads it, never writes it;
                    with none kept, journal.start (BRIDGE_JOURNAL_START, default latest)
   --since POS      after this position (a position printed by an earlier run)
   --seek -PT2H     the events of the last 2 hours (any -PnDTnHnMnS within 7 days)
@@ -45,7 +47,9 @@ examples:
   events-bridge journal --oldest --until-end                 # everything Adobe keeps
 
 Needs journal.url and the IMS credential: BRIDGE_JOURNAL_URL, BRIDGE_IMS_CLIENT_ID,
-BRIDGE_IMS_CLIENT_SECRET, BRIDGE_IMS_ORG_ID (README.md, "The journal").
+BRIDGE_IMS_CLIENT_SECRET, BRIDGE_IMS_ORG_ID; and, when the defaults do not do,
+BRIDGE_IMS_TOKEN_URL, BRIDGE_IMS_SCOPES, BRIDGE_JOURNAL_STATE_DIR, BRIDGE_JOURNAL_START
+(README.md, "The journal").
 """
 
 
@@ -58,6 +62,12 @@ def add_journal(sub: Subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_arg(p)
+    # `--seek -PT2H`: argparse takes a word that starts with "-" for an option unless it looks
+    # like a negative number (its own pattern, typed in typeshed); a negative duration is one
+    # here too, or only `--seek=-PT2H` would do.
+    p._negative_number_matcher = re.compile(  # noqa: SLF001
+        r"^-\d+$|^-\d*\.\d+$|^-P[\dTDHMS.,]*$", re.IGNORECASE
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument("--since", metavar="POSITION", help="start after this position")
     start.add_argument("--seek", metavar="-PT2H", type=_seek, help="start this long ago")
@@ -137,12 +147,15 @@ async def _journal(config: Config, args: argparse.Namespace) -> int:
     explicit = start is not None or args.since is not None
     checkpoint = None
     since = args.since
-    if not explicit and not args.dry_run:
-        checkpoint = Checkpoint(Path(config.journal.state_dir), config.journal.url)
+    if not explicit:  # the kept position; a dry run reads it (without the lock), never writes
+        kept = Checkpoint(Path(config.journal.state_dir), config.journal.url)
         try:
-            checkpoint.open()
-            since = checkpoint.load()
+            if not args.dry_run:
+                kept.open()
+                checkpoint = kept
+            since = kept.load()
         except StateUnavailable as exc:
+            kept.close()
             raise UsageError(str(exc)) from None
     url = first_url(config.journal, since, start or config.journal.start)
     take, close = await _taker(config, args.dry_run)
@@ -162,7 +175,11 @@ async def _journal(config: Config, args: argparse.Namespace) -> int:
     try:
         progress = await reader.run()
     except JournalFailed as exc:
-        raise UsageError(f"journal: {exc}") from None
+        done = reader.progress
+        where = ""
+        if done.position and checkpoint is None and not args.dry_run:
+            where = f" after {done.events} events (resume with --since {done.position})"
+        raise UsageError(f"journal: {exc}{where}") from None
     finally:
         line.done()
         await close()
@@ -269,5 +286,5 @@ def _summary(progress: Progress, dry_run: bool, kept: bool) -> None:
         f"position {progress.position or '(none yet)'}",
         file=sys.stderr,
     )
-    if progress.position and not kept:
+    if progress.position and not kept and not dry_run:  # after a dry run: nothing to resume
         print(f"  resume with: events-bridge journal --since {progress.position}", file=sys.stderr)
