@@ -40,7 +40,9 @@ CORE_FLOOR ?= 95
 CORE_TESTS := tests/test_envelope.py tests/test_signature.py tests/test_signature_vectors.py \
 	tests/test_jobstatus.py tests/test_intake_bad_input.py tests/test_routing.py \
 	tests/test_config.py tests/test_topology.py tests/test_message.py tests/test_frames.py \
-	tests/test_dedup.py tests/test_handshake.py tests/test_authorize.py
+	tests/test_dedup.py tests/test_handshake.py tests/test_authorize.py \
+	tests/test_journal_protocol.py tests/test_config_journal.py tests/test_envelope_catalog.py \
+	tests/test_tls_broker_config.py tests/test_topology_streams.py tests/test_streams.py
 
 .PHONY: help install tools broker broker-stop run test test-faults test-portable test-faults-portable \
 	test-cluster image test-image coverage bench check lint typecheck fmt lock clean

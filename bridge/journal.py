@@ -220,12 +220,13 @@ class JournalReader:
         progress.events += len(page.entries)
         if page.last is not None:
             await self._keep(page.last)
+        after = with_query(url, since=page.last, latest=None, seek=None)
         following = link.get("next")
-        self.url = (
-            resolve(url, following)
-            if following
-            else with_query(url, since=page.last, latest=None, seek=None)
-        )
+        try:
+            self.url = resolve(url, following) if following else after
+        except JournalProblem as problem:  # a link elsewhere: not followed, and not re-read
+            self._failed(problem.kind, problem.detail)
+            self.url = after
         self._limit = min(self._limit + max(self._limit // 4, 1), self.config.limit)
         self._backoff = MIN_BACKOFF
         self._report()

@@ -316,6 +316,22 @@ async def test_a_next_link_to_another_host_is_not_followed(
     assert len(server.requests) == 1
 
 
+async def test_serves_reader_reads_on_past_a_link_to_another_host(
+    server: JournalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = server.add_many(events("e", 7))
+    monkeypatch.setattr(
+        server, "_link", lambda limit, since=None: f"https://elsewhere.example/next?since={since}"
+    )
+    take = Taker()
+    before = errors("bad_link")
+    progress = await reader(server, take).run()  # until the end; no link followed
+    assert take.positions == sent  # every event once: on after the last position instead
+    assert progress.position == sent[-1]
+    assert errors("bad_link") == before + 3
+    assert all("elsewhere" not in r["path"] for r in server.requests)
+
+
 async def test_a_following_reader_polls_the_end_no_faster_than_retry_after(
     server: JournalServer,
 ) -> None:
