@@ -207,7 +207,8 @@ def _journal(config: Config, intake: Intake) -> Callable[[web.Application], Asyn
             checkpoint.close()
             yield
             return
-        take = JournalIntake(intake, config.journal_registration().name, _page_seconds(config))
+        page_seconds = config.server.answer_deadline  # as long as a webhook's events may take
+        take = JournalIntake(intake, config.journal_registration().name, page_seconds)
         url = first_url(config.journal, since, config.journal.start)
         reader = JournalReader(config.journal, url, take, checkpoint)
         start = None if since else config.journal.start
@@ -215,17 +216,13 @@ def _journal(config: Config, intake: Intake) -> Callable[[web.Application], Asyn
         task = asyncio.create_task(run_reader(reader), name="journal-reader")
         yield
         reader.stop()
-        await asyncio.wait({task}, timeout=_page_seconds(config) + 5)
+        await asyncio.wait({task}, timeout=page_seconds + 5)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):  # run_reader logged it
             await task  # a position being saved in its thread is saved before the lock goes
         checkpoint.close()
 
     return pull
-
-
-def _page_seconds(config: Config) -> float:
-    return config.server.answer_deadline
 
 
 def _warn_about_trust(config: Config) -> None:

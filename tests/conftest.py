@@ -17,6 +17,7 @@ from bridge.config import BrokerConfig
 from tests.broker_node import BrokerNode, node_for, version_under_test
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.journal_fixtures"]  # a local journal for the journal's tests
 
 
 def _docker_answers() -> bool:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import pytest
 
-from bridge import journal
 from bridge.config_types import ImsConfig, JournalConfig
 from bridge.intake import Intake
 from bridge.journal import FATAL, JournalFailed, JournalReader, first_url
@@ -22,17 +21,7 @@ from tests.adobe_journal import JournalServer
 from tests.helpers import FakePublisher, make_config
 from tests.rig import body_for
 
-
-@pytest.fixture(autouse=True)
-def _short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(journal, "MIN_BACKOFF", 0.02)
-    monkeypatch.setattr(journal, "MIN_WAIT", 0.02)
-
-
-@pytest.fixture
-def server() -> Iterator[JournalServer]:
-    with JournalServer(retry_after=0.1) as running:
-        yield running
+pytestmark = pytest.mark.usefixtures("short_waits")  # tests/journal_fixtures.py
 
 
 class Refuses(FakePublisher):

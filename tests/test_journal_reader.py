@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,7 @@ from bridge.config_types import ImsConfig, JournalConfig
 from bridge.journal import FATAL, JournalFailed, JournalReader, Progress, first_url
 from tests.adobe_journal import JournalServer
 
-
-@pytest.fixture(autouse=True)
-def _short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(journal, "MIN_BACKOFF", 0.02)
-    monkeypatch.setattr(journal, "MIN_WAIT", 0.02)
-
-
-@pytest.fixture
-def server() -> Iterator[JournalServer]:
-    with JournalServer(retry_after=0.1) as running:
-        yield running
+pytestmark = pytest.mark.usefixtures("short_waits")  # tests/journal_fixtures.py
 
 
 class Taker:

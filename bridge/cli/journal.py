@@ -13,9 +13,11 @@ from bridge.cli.options import Subparsers, config_arg
 from bridge.errors import UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from bridge.adobe.journal import Page
     from bridge.config import Config
-    from bridge.journal import Progress
+    from bridge.journal import Progress, Taker
     from bridge.journal_intake import JournalIntake
 
 DESCRIPTION = """\
@@ -189,7 +191,7 @@ async def _journal(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _taker(config: Config, dry_run: bool) -> tuple[Taker, Closer]:
+async def _taker(config: Config, dry_run: bool) -> tuple[Taker, Callable[[], Awaitable[None]]]:
     """What takes each page: a printer (``--dry-run``), or the road with a broker connection
     (no outbox: a page the broker does not confirm is read again, from the journal)."""
     from bridge.intake import Intake
@@ -211,13 +213,6 @@ async def _taker(config: Config, dry_run: bool) -> tuple[Taker, Closer]:
         raise UsageError(f"cannot reach the broker: {publisher.problem or 'no answer'}")
     intake = Intake(config, None, publisher)
     return JournalIntake(intake, registration, config.server.answer_deadline), publisher.close
-
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
-    Taker = Callable[[Page], Awaitable[bool]]
-    Closer = Callable[[], Awaitable[None]]
 
 
 async def _nothing() -> None:
