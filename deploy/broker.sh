@@ -33,8 +33,8 @@ rmq4_url="amqp://guest:guest@127.0.0.1:$rmq4_port/"
 say() { printf 'broker: %s\n' "$*" >&2; }
 die() { printf 'broker: error: %s\n' "$*" >&2; exit 1; }
 
-port_open() {  # host port -> 0 when something accepts TCP there
-    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0 || return 1
+port_open() {  # host port -> 0 when something accepts TCP there (bounded: a dead forward hangs)
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
 }
 
 wait_port() {  # host port what
@@ -161,6 +161,8 @@ rmq4_create() {
     if port_open 127.0.0.1 "$rmq4_port"; then
         die "something else listens on 127.0.0.1:$rmq4_port; the RabbitMQ 4 container needs that port"
     fi
+    # A dead forward to this port, left by a container killed with its podman, would come first.
+    "$here/deploy/container/image.sh" unforward "$rmq4_port"
     podman image exists "$rmq4_image" || "$here/deploy/container/image.sh" rabbitmq
     mkdir -p "$rmq4_dir"
     # Connections come through the port mapping, not from the container's loopback: guest must

@@ -46,7 +46,19 @@ def podman_environment() -> dict[str, str]:
         timeout=30,
     ).stdout
     words = shlex.split(printed)
+    assert words[0] == "export", printed
     return dict(word.split("=", 1) for word in words[1:])
+
+
+def unforward(*ports: int) -> None:
+    """Drop the dead port forwards a killed container left on these host ports (image.sh's
+    ``unforward``): one of them would come before the forward of the container about to publish
+    there and send its connections nowhere. A no-op where nothing was left, or not as root."""
+    subprocess.run(
+        [str(ROOT / "deploy" / "container" / "image.sh"), "unforward", *map(str, ports)],
+        check=True,
+        timeout=60,
+    )
 
 
 @dataclass

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from tests.broker_node import podman_environment, version_under_test
+from tests.broker_node import podman_environment, unforward, version_under_test
 from tests.certs import Authority, Pair
 
 AMQPS_PORT: Final = 5691
@@ -248,6 +248,7 @@ class TlsBroker:
     def _start_podman(self) -> None:
         self._podman_env = podman_environment()
         self._podman("rm", "-f", self.container, check=False)
+        unforward(AMQPS_PORT, AMQP_PORT)
         self._podman(
             "run", "-d", "--init", "--name", self.container, "--hostname", "bridge-tls",
             "-p", f"127.0.0.1:{AMQPS_PORT}:5671", "-p", f"127.0.0.1:{AMQP_PORT}:5672",

@@ -12,6 +12,15 @@
 #   deploy/container/image.sh test-tools            podman and docker-compose for make test-image
 #   deploy/container/image.sh env                   the exports that point podman at this store
 #   deploy/container/image.sh engine                print podman or docker (installing podman if needed)
+#   deploy/container/image.sh unforward PORT...     remove dead forwards to 127.0.0.1:PORT (below)
+#
+# A container killed with its podman (a machine's processes killed at once, a store deleted under
+# a running container) can leave netavark's iptables rules behind. A dead rule for a host port
+# comes before the rule of the next container published there and sends its connections to an
+# address nobody has: the next broker "does not accept AMQP". `unforward` deletes netavark's
+# forwarding rules for each PORT on which nothing answers now (so none of them can be alive), and
+# does nothing where it is not root or iptables is missing. The tests and broker.sh run it before
+# they publish a fixed port.
 #
 # Without --base (or BASE=), the base is a Debian 12 root file system made here with debootstrap
 # and imported (no registry needed); with it, the base is pulled as usual, e.g. python:3.11-slim.
@@ -223,6 +232,33 @@ rabbitmq() {  # [--version 4|3]: one Containerfile, on Debian 13 (4.0) or Debian
         -f "$here/deploy/container/rabbitmq4/Containerfile" "$here/deploy/container/rabbitmq4" >&2
 }
 
+port_answers() { timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null; }
+
+netavark_chains() {  # the nat chains where netavark keeps its host port forwards
+    iptables -t nat -S 2>/dev/null \
+        | awk '$1 == "-N" && $2 ~ /^NETAVARK-(HOSTPORT-DNAT|DN-)/ { print $2 }'
+}
+
+unforward() {  # PORT...: netavark's forwards of dead host ports, removed (as root, with iptables)
+    local port chain number
+    for port in "$@"; do
+        [[ $port =~ ^[0-9]+$ ]] || die "unforward: '$port' is not a port number"
+    done
+    [ "$(id -u)" = 0 ] && command -v iptables >/dev/null 2>&1 || return 0
+    for port in "$@"; do
+        port_answers "$port" && continue  # a live forward (or a listener): not ours to touch
+        for chain in $(netavark_chains); do
+            # Highest rule number first, so the numbers still to delete stay valid.
+            for number in $(iptables -t nat -L "$chain" -n --line-numbers 2>/dev/null \
+                | awk -v p="dpt:$port" '{ for (i = 2; i <= NF; i++) if ($i == p) print $1 }' \
+                | sort -rnu); do
+                iptables -t nat -D "$chain" "$number"
+                say "removed a dead port forward to 127.0.0.1:$port ($chain rule $number)"
+            done
+        done
+    done
+}
+
 test_tools() {  # what make test-image needs beside the images: podman itself, docker-compose
     command -v podman >/dev/null 2>&1 || install_podman
     command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
@@ -236,6 +272,7 @@ case "${1:-build}" in
     env) podman_env; printf 'export CONTAINERS_STORAGE_CONF=%q CONTAINERS_CONF=%q TMPDIR=%q\n' \
         "${CONTAINERS_STORAGE_CONF:-}" "${CONTAINERS_CONF:-}" "${TMPDIR:-/tmp}" ;;
     engine) engine ;;
+    unforward) shift; unforward "$@" ;;
     -h|--help|help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" ;;
-    *) die "unknown command '$1' (build, base, rabbitmq, test-tools, env, engine)" ;;
+    *) die "unknown command '$1' (build, base, rabbitmq, test-tools, env, engine, unforward)" ;;
 esac

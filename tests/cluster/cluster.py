@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.broker_node import unforward
 from tests.image.conftest import Podman
 
 # The node's config: guest may log in through the port mapping (not loopback to the node).
@@ -175,6 +176,7 @@ class Cluster:
         busy = [p for p in ports if not port_free(p)]
         if busy:
             raise AssertionError(f"127.0.0.1 ports {busy} are in use: the cluster needs {ports}")
+        unforward(*ports)
         subnet = self._make_network()
         conf = self.folder / "rabbitmq.conf"
         conf.write_text(RABBITMQ_CONF)

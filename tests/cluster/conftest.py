@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.broker_node import podman_environment
 from tests.cluster.cluster import Cluster, chosen_version
-from tests.image.conftest import Podman, podman_environment
+from tests.image.conftest import Podman
 
 ROWS: list[dict[str, Any]] = []
 RUN: dict[str, Any] = {}

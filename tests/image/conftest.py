@@ -17,25 +17,12 @@ from typing import Any
 import pytest
 
 import bridge
+from tests.broker_node import podman_environment
 from tests.conftest import ROOT
 from tests.helpers import SigningKey, key_folder
 
 IMAGE = f"localhost/events-bridge:{bridge.__version__}"
 FIGURES = ROOT / ".local" / "image" / "test-image.json"
-
-
-def podman_environment() -> dict[str, str]:
-    """What ``deploy/container/image.sh env`` exports: the store ``make image`` built into."""
-    printed = subprocess.run(
-        [str(ROOT / "deploy" / "container" / "image.sh"), "env"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    words = shlex.split(printed)
-    assert words[0] == "export", printed
-    return dict(word.split("=", 1) for word in words[1:])
 
 
 class Podman:
