@@ -15,7 +15,8 @@ The loop, as Adobe's Journaling API asks (``bridge.adobe.journal`` has the proto
 - A page larger than :data:`~bridge.adobe.journal.MAX_PAGE_BYTES` is not read: the ``limit``
   is halved for the next try (and grows back by a quarter after each good page).
 
-Errors never end ``serve``'s reader (the webhooks go on; ``/readyz`` does not look at it).
+Errors never end ``serve``'s reader (the webhooks go on; ``/readyz`` does not look at it), and
+not even a bug does: :func:`run_reader` counts it and runs the reader again.
 ``events-bridge journal`` ends, with one line, on the ones a retry cannot mend (``fatal``).
 
 Owns: the loop, its waits, its metrics. Does not: parse events or publish.
@@ -58,6 +59,8 @@ MIN_BACKOFF: Final = 1.0
 MAX_BACKOFF: Final = 60.0
 END_WAIT: Final = 10.0  # seconds after a 204 that says no retry-after (Adobe says 10)
 MIN_WAIT: Final = 0.5  # seconds: the shortest pause a retry-after (0, a past date) can ask for
+RESTART_WAIT: Final = 5.0  # seconds before serve's reader runs again after a bug
+MAX_RESTART_WAIT: Final = 300.0
 ACCEPT: Final = "application/vnd.adobecloud.events+json, application/json"
 # For a one-shot reader, the problems no retry mends:
 FATAL: Final = frozenset({"rejected", "unauthorized", "token", "bad_link"})
@@ -136,6 +139,11 @@ class JournalReader:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if :meth:`stop` comes first; True when stopped."""
+        await self._sleep(seconds)
+        return self._stopping.is_set()
 
     async def _step(self, session: aiohttp.ClientSession, tokens: Tokens) -> float | None:
         """One request and what follows from its answer; the seconds to wait before the next
@@ -303,12 +311,25 @@ class JournalReader:
 
 
 async def run_reader(reader: JournalReader) -> None:
-    """``serve``'s reader: until stopped; a bug is logged, never silently the end of it."""
-    try:
-        await reader.run()
-    except Exception:
-        log.exception("journal_reader_failed", action="restart the daemon to read the journal")
-        raise
+    """``serve``'s reader, until stopped. A bug is never silently the end of it: it is counted
+    (``internal``) and logged, and the reader runs again after a pause (:data:`RESTART_WAIT`,
+    doubling to :data:`MAX_RESTART_WAIT` while nothing is read), from where it was: its position
+    is still the last one made safe, so the worst is a page published twice."""
+    wait = RESTART_WAIT
+    while True:
+        events = reader.progress.events
+        try:
+            await reader.run()
+        except Exception:
+            metrics.JOURNAL_ERRORS.labels("internal").inc()
+            log.exception("journal_reader_failed", action=f"reading again in {wait:.0f} s")
+        else:
+            return
+        if reader.progress.events > events:
+            wait = RESTART_WAIT
+        if await reader.pause(wait):
+            return
+        wait = min(wait * 2, MAX_RESTART_WAIT)
 
 
 async def _read(answer: aiohttp.ClientResponse) -> bytes:

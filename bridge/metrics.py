@@ -208,7 +208,7 @@ JOURNAL_ERRORS = Counter(
     "bridge_journal_errors",
     "Journal problems, by kind: network, token, unauthorized, rejected, throttled, server, "
     "expired, bad_page, page_too_large, bad_link, deliver, refused, bad_event, unpublishable, "
-    "state.",
+    "state, internal (a bug: the reader runs again).",
     ["kind"],
     registry=REGISTRY,
 )

@@ -409,3 +409,57 @@ async def test_stop_ends_a_reader_waiting_for_an_answer_at_once(
         progress = await asyncio.wait_for(task, 4.0)
         assert time.monotonic() - started < 0.5
         assert (progress.events, progress.position) == (0, None)
+
+
+async def test_serves_reader_runs_again_after_a_bug_from_its_last_safe_position(
+    server: JournalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "RESTART_WAIT", 0.05)
+    sent = server.add_many(events("e", 7))
+    internal = errors("internal")
+    take = Taker()
+    made = reader(server, take, until_end=False)
+    calls = 0
+
+    async def buggy(page: Page) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls in (2, 3):  # the second page fails twice: a bug, not an unsafe page
+            raise RuntimeError("a bug in the taker")
+        return await take(page)
+
+    made.take = buggy
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(journal.run_reader(made))
+        deadline = time.monotonic() + 5.0
+        while len(take.positions) < len(sent) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        made.stop()
+        await asyncio.wait_for(task, 2.0)
+    assert take.positions == sent  # each event once: read again from the last safe page
+    assert errors("internal") == internal + 2
+    failed = [entry for entry in logs if entry["event"] == "journal_reader_failed"]
+    assert [entry["action"] for entry in failed] == ["reading again in 0 s"] * 2
+    assert all(entry["log_level"] == "error" for entry in failed)
+
+
+async def test_serves_reader_stopped_while_pausing_after_a_bug_ends_at_once(
+    server: JournalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "RESTART_WAIT", 60.0)
+    server.add_many(events("e", 2))
+
+    async def broken(page: Page) -> bool:
+        raise RuntimeError("a bug in the taker")
+
+    internal = errors("internal")
+    made = reader(server, Taker(), until_end=False)
+    made.take = broken
+    task = asyncio.create_task(journal.run_reader(made))
+    deadline = time.monotonic() + 5.0
+    while errors("internal") == internal and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert errors("internal") == internal + 1
+    await asyncio.sleep(0.05)
+    made.stop()
+    await asyncio.wait_for(task, 1.0)  # not after the 60 s pause
