@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bridge import __version__, metrics
 from bridge.checkpoint import Checkpoint, StateUnavailable
 from bridge.config import Config, load_config
+from bridge.declare import deprecations
 from bridge.errors import ConfigError
 from bridge.intake import Intake
 from bridge.journal import JournalReader, first_url, run_reader
@@ -81,6 +82,7 @@ async def _reload(app: web.Application, path: str) -> bool:
                 action="keeping the running configuration",
             )
             return False
+    _warn_about_topology(config)
     receiver = app[RECEIVER]
     notes = receiver.reload(config)
     if receiver.outbox is not None and receiver.outbox.exchanges is not None:
@@ -149,6 +151,7 @@ class Lifetime:
 
     async def start(self) -> None:
         _warn_about_trust(self.config)
+        _warn_about_topology(self.config)
         metrics.configure(self.config.metrics.max_event_codes, self.config.metrics.max_job_statuses)
         # The outbox folder's lock before anything else: a second daemon stops here.
         if self.outbox is not None:
@@ -223,6 +226,12 @@ def _journal(config: Config, intake: Intake) -> Callable[[web.Application], Asyn
         checkpoint.close()
 
     return pull
+
+
+def _warn_about_topology(config: Config) -> None:
+    """One warning for each thing of the topology that later RabbitMQ versions refuse."""
+    for problem in deprecations(config.topology):
+        log.warning("topology_deprecated", detail=problem)
 
 
 def _warn_about_trust(config: Config) -> None:

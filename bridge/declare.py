@@ -13,6 +13,26 @@ import aio_pika.abc
 from bridge.topology import Topology
 
 
+def deprecations(topology: Topology) -> list[str]:
+    """What ``topology`` asks of the broker that RabbitMQ 4.0 deprecates: it still works there,
+    with a warning in the broker's log, but later versions refuse it, and a broker that refuses
+    one closes the whole connection (``541``), not only the channel. One line each."""
+    found: list[str] = []
+    for queue in topology.queues:
+        if queue.type == "classic" and not queue.durable:
+            found.append(
+                f"queue {queue.name!r}: a classic queue with durable: false is a transient "
+                "non-exclusive queue, deprecated by RabbitMQ 4.0 and refused by later versions; "
+                "make it durable"
+            )
+        if any(name == "x-queue-master-locator" for name, _ in queue.arguments):
+            found.append(
+                f"queue {queue.name!r}: x-queue-master-locator is deprecated by RabbitMQ 4.0 "
+                "and refused by later versions; use x-queue-leader-locator"
+            )
+    return found
+
+
 class TopologyMissing(Exception):
     """``topology.passive`` is set and the broker lacks something the topology names."""
 

@@ -21,6 +21,7 @@ def add_check_config(sub: Subparsers) -> None:
 
 def run_check_config(args: argparse.Namespace) -> int:
     from bridge.config import load_config
+    from bridge.declare import deprecations
     from bridge.link import redacted
     from bridge.tls import check_tls
 
@@ -37,4 +38,6 @@ def run_check_config(args: argparse.Namespace) -> int:
         f"listening {listen}; broker {redacted(config.broker.url)}; "
         f"key base {config.verification.key_base_url})"
     )
+    for problem in deprecations(config.topology):
+        print(f"warning: topology: {problem}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import TYPE_CHECKING
 
 from bridge.cli.options import Subparsers, config_arg
@@ -27,8 +28,11 @@ def add_declare(sub: Subparsers) -> None:
 
 def run_declare(args: argparse.Namespace) -> int:
     from bridge.config import load_config
+    from bridge.declare import deprecations
 
     config = load_config(args.config, sections=("broker", "topology"))
+    for problem in deprecations(config.topology):
+        print(f"warning: {problem}", file=sys.stderr)
     missing = asyncio.run(_declare(config))
     if missing:
         raise UsageError(", ".join(missing) + " missing on the broker (topology.passive is true)")
