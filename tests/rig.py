@@ -35,6 +35,23 @@ from tests.processes import Daemon, free_port
 from tests.proxy import Proxy
 
 LIGHTROOM = orjson.loads((EVENTS / "imaging_lightroom-job-status_succeeded.json").read_bytes())
+# The first columns of every fault table (tests/faults, tests/cluster), and a row's cells in them.
+FAULT_COLUMNS = (
+    "fault",
+    "sent",
+    "answered 2xx",
+    "delivered",
+    "duplicates",
+    "loss",
+    "phantom",
+    "slowest answer",
+)
+
+
+def fault_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """A fault row's cells under :data:`FAULT_COLUMNS`."""
+    counts = (row["sent"], row["ok"], row["delivered"], row["duplicates"], row["loss"])
+    return (row["fault"], *map(str, counts), str(row["phantom"]), f"{row['slowest']:.2f} s")
 
 
 def body_for(event_id: str, **extra: Any) -> bytes:

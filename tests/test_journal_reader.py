@@ -292,13 +292,17 @@ async def test_stop_ends_a_waiting_reader_at_once() -> None:
         assert statuses(slow) == [204]
 
 
-async def test_a_next_link_to_another_host_is_not_followed(
-    server: JournalServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sent = server.add_many(events("e", 4))
+@pytest.fixture
+def links_elsewhere(server: JournalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal's next links point to another host."""
     monkeypatch.setattr(
         server, "_link", lambda limit, since=None: f"https://elsewhere.example/next?since={since}"
     )
+
+
+@pytest.mark.usefixtures("links_elsewhere")
+async def test_a_next_link_to_another_host_is_not_followed(server: JournalServer) -> None:
+    sent = server.add_many(events("e", 4))
     take = Taker()
     with pytest.raises(JournalFailed, match=r"another host \(elsewhere\.example\)"):
         await reader(server, take, fatal=FATAL).run()
@@ -306,13 +310,9 @@ async def test_a_next_link_to_another_host_is_not_followed(
     assert len(server.requests) == 1
 
 
-async def test_serves_reader_reads_on_past_a_link_to_another_host(
-    server: JournalServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("links_elsewhere")
+async def test_serves_reader_reads_on_past_a_link_to_another_host(server: JournalServer) -> None:
     sent = server.add_many(events("e", 7))
-    monkeypatch.setattr(
-        server, "_link", lambda limit, since=None: f"https://elsewhere.example/next?since={since}"
-    )
     take = Taker()
     before = errors("bad_link")
     progress = await reader(server, take).run()  # until the end; no link followed

@@ -18,19 +18,13 @@ import pytest
 from tests.broker_node import podman_environment
 from tests.cluster.cluster import Cluster, chosen_version
 from tests.image.conftest import Podman
+from tests.rig import FAULT_COLUMNS, fault_cells
 
 ROWS: list[dict[str, Any]] = []
 RUN: dict[str, Any] = {}
 LOCAL = Path(__file__).resolve().parents[2] / ".local"
 COLUMNS = (
-    "fault",
-    "sent",
-    "answered 2xx",
-    "delivered",
-    "duplicates",
-    "loss",
-    "phantom",
-    "slowest answer",
+    *FAULT_COLUMNS,
     "resumed on another node",
     "via outbox",
     "other answers",
@@ -81,14 +75,7 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
     resumed, direct = row["resumed"], row["direct_again"]
     again = "not at all" if direct is None else f"directly again after {direct:.1f} s"
     return (
-        row["fault"],
-        str(row["sent"]),
-        str(row["ok"]),
-        str(row["delivered"]),
-        str(row["duplicates"]),
-        str(row["loss"]),
-        str(row["phantom"]),
-        f"{row['slowest']:.2f} s",
+        *fault_cells(row),
         f"{resumed:.1f} s" if resumed is not None else f"never ({again})",
         str(row["stored"]),
         ", ".join(f"{k}: {v}" for k, v in sorted(row["answers"].items()) if k != "200") or "-",

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.rig import FAULT_COLUMNS, fault_cells
+
 ROWS: list[dict[str, Any]] = []
 OUT = Path(__file__).resolve().parents[2] / ".local" / "faults.json"
 
@@ -15,29 +17,8 @@ OUT = Path(__file__).resolve().parents[2] / ".local" / "faults.json"
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not ROWS:
         return
-    header = (
-        "fault",
-        "sent",
-        "answered 2xx",
-        "delivered",
-        "duplicates",
-        "loss",
-        "phantom",
-        "slowest answer",
-    )
-    lines = [header] + [
-        (
-            r["fault"],
-            str(r["sent"]),
-            str(r["ok"]),
-            str(r["delivered"]),
-            str(r["duplicates"]),
-            str(r["loss"]),
-            str(r["phantom"]),
-            f"{r['slowest']:.2f} s",
-        )
-        for r in ROWS
-    ]
+    header = FAULT_COLUMNS
+    lines = [header] + [fault_cells(r) for r in ROWS]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     terminalreporter.write_sep("=", "fault suite")
     for n, line in enumerate(lines):

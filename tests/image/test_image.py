@@ -228,6 +228,20 @@ async def post_all(url: str, signer: SigningKey, bodies: dict[str, bytes]) -> di
     return answers
 
 
+async def watch_shipped_topology(
+    podman: Podman, channel: aio_pika.abc.AbstractChannel, amqp_url: str, code: str
+) -> aio_pika.abc.AbstractQueue:
+    """The shipped topology declared through the image's ``declare``, then an exclusive queue
+    bound to it for the events of ``code``."""
+    await asyncio.to_thread(
+        podman, "run", "--rm", "--network", "host", "-e", f"BRIDGE_AMQP_URL={amqp_url}",
+        "-e", f"BRIDGE_CLIENT_IDS={CLIENT_ID}", IMAGE, "declare",
+    )  # fmt: skip
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind("adobe.events", routing_key=f"{code}.#")
+    return queue
+
+
 async def test_sigkill_with_a_backlog_then_a_new_container_delivers_every_event(
     podman: Podman, amqp_url: str, signing: tuple[SigningKey, Path]
 ) -> None:
@@ -238,13 +252,7 @@ async def test_sigkill_with_a_backlog_then_a_new_container_delivers_every_event(
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        # The shipped topology first (through the image's `declare`), then our queue on it.
-        await asyncio.to_thread(
-            podman, "run", "--rm", "--network", "host", "-e", f"BRIDGE_AMQP_URL={amqp_url}",
-            "-e", f"BRIDGE_CLIENT_IDS={CLIENT_ID}", IMAGE, "declare",
-        )  # fmt: skip
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind("adobe.events", routing_key=f"{code}.#")
+        queue = await watch_shipped_topology(podman, channel, amqp_url, code)
 
         # The broker is away (nothing listens on that port): every event goes to the outbox.
         away = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
@@ -339,12 +347,7 @@ async def test_the_journal_position_is_kept_on_its_volume_across_containers(
         connection = await aio_pika.connect(amqp_url)
         async with connection:
             channel = await connection.channel()
-            await asyncio.to_thread(
-                podman, "run", "--rm", "--network", "host", "-e", f"BRIDGE_AMQP_URL={amqp_url}",
-                "-e", f"BRIDGE_CLIENT_IDS={CLIENT_ID}", IMAGE, "declare",
-            )  # fmt: skip
-            queue = await channel.declare_queue(exclusive=True)
-            await queue.bind("adobe.events", routing_key=f"{code}.#")
+            queue = await watch_shipped_topology(podman, channel, amqp_url, code)
 
             port = free_port()
             first = podman.run("journal-1", *bridge_env(amqp_url, port), *args, *mounts)
