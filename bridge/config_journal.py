@@ -11,7 +11,9 @@ of ``registrations``. Does not: read files or talk to anyone.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import fields
+from typing import Final
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,6 +21,9 @@ import yaml
 from bridge.adobe.journal import START_WORDS, seek_duration
 from bridge.config_types import ImsConfig, JournalConfig, Registration
 from bridge.yamldoc import Doc, Section
+
+# A proxy URL's password, up to the last "@" before the host: masked in a problem.
+_PROXY_PASSWORD: Final = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 
 def journal_section(doc: Doc, node: yaml.Node | None) -> JournalConfig:
@@ -35,7 +40,34 @@ def journal_section(doc: Doc, node: yaml.Node | None) -> JournalConfig:
         limit=s.integer("limit", d.limit, 1, 10_000),
         timeout=s.number("timeout", d.timeout, 1.0, 300.0),
         ims=ims,
+        proxy=_proxy(doc, s),
     )
+
+
+def _proxy(doc: Doc, section: Section) -> str:
+    """An ``http://host:port`` proxy (a user and password allowed), or "" for none. The
+    journal and IMS are ``https://``: through the proxy they go by ``CONNECT``, still TLS. A
+    problem shows the URL with its password masked."""
+    text = _optional(section, "proxy")
+    try:
+        parts = urlsplit(text)
+        good = (
+            parts.scheme == "http"
+            and bool(parts.hostname)
+            and parts.port is not None
+            and parts.path in ("", "/")
+            and not parts.query
+        )
+    except ValueError:
+        good = False
+    if text and not good:
+        shown = _PROXY_PASSWORD.sub(r"\1***@", text)
+        doc.fail(
+            "journal.proxy",
+            section.items.get("proxy"),
+            f"expected an http:// proxy URL with a port, like http://proxy:3128, got {shown!r}",
+        )
+    return text if good else ""
 
 
 def _start(text: str) -> str:

@@ -176,6 +176,7 @@ class JournalConfig:
     limit: int = 100  # events a page (Adobe caps a page at 1.5 MB whatever the limit)
     timeout: float = 30.0  # seconds for one answer, body included
     ims: ImsConfig = field(default_factory=ImsConfig)
+    proxy: str = field(default="", repr=False)  # http:// egress proxy (may hold a password)
 
     @property
     def enabled(self) -> bool:

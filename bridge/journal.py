@@ -123,7 +123,8 @@ class JournalReader:
         """Read until stopped, or (``until_end``) the end; a fatal problem raises
         :class:`JournalFailed`."""
         headers = {"User-Agent": f"events-bridge/{__version__}"}
-        async with aiohttp.ClientSession(headers=headers, trust_env=False) as session:
+        proxy = self.config.proxy or None  # IMS's token requests take it too
+        async with aiohttp.ClientSession(headers=headers, trust_env=False, proxy=proxy) as session:
             tokens = Tokens(self.config.ims, session, timeout=self.config.timeout)
             while not self._stopping.is_set():
                 try:

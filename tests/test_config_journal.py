@@ -52,6 +52,7 @@ def test_shipped_config_reads_every_journal_variable() -> None:
         "BRIDGE_IMS_SCOPES": "AdobeID, openid,adobeio_api",
         "BRIDGE_JOURNAL_STATE_DIR": "/var/lib/events-bridge/journal",
         "BRIDGE_JOURNAL_START": "-PT2H",
+        "BRIDGE_JOURNAL_PROXY": "http://egress:pr0xy@proxy.internal:3128",
     }
     config = load_config(SHIPPED, env)
     journal = config.journal
@@ -63,7 +64,9 @@ def test_shipped_config_reads_every_journal_variable() -> None:
     assert ims.token_url == "https://ims-eu1.adobelogin.com/ims/token/v3"
     assert ims.scopes == ("AdobeID", "openid", "adobeio_api")
     assert config.journal_registration().name == "default"
+    assert journal.proxy == "http://egress:pr0xy@proxy.internal:3128"
     assert "s3cret" not in repr(config)
+    assert "pr0xy" not in repr(config)
 
 
 def test_a_journal_without_its_credential_names_each_missing_part() -> None:
@@ -133,3 +136,33 @@ def test_the_journal_belongs_to_a_named_registration() -> None:
 def test_unknown_journal_keys_are_problems() -> None:
     (found,) = problems("  since: p1\n")
     assert found.startswith("journal.since: unknown key")
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "proxy.internal:3128",  # no scheme
+        "socks5://proxy.internal:1080",
+        "https://proxy.internal:3128",  # TLS to the proxy itself: not spoken here
+        "http://proxy.internal",  # no port: say which
+        "http://proxy.internal:3128/path",
+        "http://:3128",
+    ],
+)
+def test_a_proxy_is_an_http_url_with_a_port(proxy: str) -> None:
+    (found,) = problems(f"  proxy: '{proxy}'\n")
+    assert found.startswith(
+        "journal.proxy: expected an http:// proxy URL with a port, like http://proxy:3128, got"
+    )
+    assert "(t.yaml:5)" in found
+
+
+def test_a_bad_proxy_url_never_shows_its_password() -> None:
+    (found,) = problems("  proxy: 'http://egress:pr0:xy@proxy.internal/'\n")
+    assert "got 'http://egress:***@proxy.internal/'" in found
+    assert "pr0" not in found
+
+
+def test_no_proxy_by_default_and_an_empty_one_is_none() -> None:
+    assert parse_config(BASE, "t.yaml", {}).journal.proxy == ""
+    assert parse_config(BASE + "  proxy: ''\n", "t.yaml", {}).journal.proxy == ""

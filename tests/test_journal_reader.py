@@ -5,6 +5,8 @@ the position it keeps and when, and each of Adobe's answers (ADOBE-EVENTS.md §5
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -20,6 +22,7 @@ from bridge.checkpoint import Checkpoint
 from bridge.config_types import ImsConfig, JournalConfig
 from bridge.journal import FATAL, JournalFailed, JournalReader, Progress, first_url
 from tests.adobe_journal import JournalServer
+from tests.forward_proxy import ForwardProxy
 
 pytestmark = pytest.mark.usefixtures("short_waits")  # tests/journal_fixtures.py
 
@@ -463,3 +466,24 @@ async def test_serves_reader_stopped_while_pausing_after_a_bug_ends_at_once(
     await asyncio.sleep(0.05)
     made.stop()
     await asyncio.wait_for(task, 1.0)  # not after the 60 s pause
+
+
+async def test_a_proxy_carries_every_request_ims_included_with_its_credential(
+    server: JournalServer,
+) -> None:
+    sent = server.add_many(events("e", 5))
+    async with ForwardProxy() as proxy:
+        made = reader(server, take := Taker())
+        proxied = proxy.url.replace("http://", "http://egress:pr0xy@")
+        made.config = dataclasses.replace(made.config, proxy=proxied)
+        with structlog.testing.capture_logs() as logs:
+            await made.run()
+    assert take.positions == sent
+    targets = [(seen.method, seen.target.split("?")[0]) for seen in proxy.seen]
+    assert targets[0] == ("POST", server.token_url)  # IMS first, through the proxy too
+    assert {target for method, target in targets[1:]} == {server.journal_url.split("?")[0]}
+    assert len(targets) == len(server.requests) + 1  # nothing went around it
+    expected = "Basic " + base64.b64encode(b"egress:pr0xy").decode()
+    assert {seen.proxy_authorization for seen in proxy.seen} == {expected}
+    assert "pr0xy" not in repr(made.config)
+    assert "pr0xy" not in str(logs)
