@@ -5,7 +5,9 @@ The loop, as Adobe's Journaling API asks (``bridge.adobe.journal`` has the proto
 
 - ``200``: the page's events are made safe, then its position is kept (``bridge.checkpoint``),
   then the ``Link rel="next"`` is followed. A page not made safe (the broker down and no
-  outbox) is read again after a pause; the position never runs ahead of what is safe.
+  outbox) is read again after a pause; the position never runs ahead of what is safe. A page
+  that a subscriber-defined filter left empty moves on all the same; an empty page whose next
+  link does not move on is the end, as a ``204``.
 - ``204``: the end for now; wait ``retry-after`` (``--until-end``: stop), follow ``next``.
 - ``401``: the token is renewed at once, once; ``429`` and ``5xx``: back off (``retry-after``
   when given, else 1 s doubling to 60 s, with jitter); ``410`` to a ``since``: the position
@@ -218,8 +220,8 @@ class JournalReader:
     async def _page(self, url: str, body: bytes, link: dict[str, str]) -> float | None:
         page = parse_page(body)
         self._newest(page)
-        if not page.entries:  # an empty page: as the end
-            return await self._end(url, link, None)
+        if not page.entries:  # the end, unless its next link moves on (a filtered page)
+            return await self._empty(url, link)
         if not await self.take(page):
             return self._failed("deliver", "the page's events are not safe yet", quiet=True)
         metrics.JOURNAL_PAGES.labels("events").inc()
@@ -257,6 +259,20 @@ class JournalReader:
         if self.until_end:
             return None
         return max(retry_after(wait_said, END_WAIT, datetime.now(UTC)), MIN_WAIT)
+
+    async def _empty(self, url: str, link: dict[str, str]) -> float | None:
+        """An empty ``200``: a subscriber-defined filter can leave a page with no event and a
+        next position (followed at once, and kept); any other is the end, as a ``204``."""
+        following = link.get("next")
+        onward = resolve(url, following) if following else url
+        since = query_value(onward, "since")
+        if not since or since == query_value(url, "since"):
+            return await self._end(url, link, None)
+        metrics.JOURNAL_PAGES.labels("empty").inc()
+        self.url = onward
+        await self._keep(since)
+        self._report()
+        return 0.0
 
     def _expired(self) -> float:
         metrics.JOURNAL_ERRORS.labels("expired").inc()

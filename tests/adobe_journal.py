@@ -130,6 +130,10 @@ class JournalServer:
         self.token_requests = 0
         self.token_log: list[dict[str, Any]] = []  # {"status", "client_id", "scope"} per POST
         self.positions: list[str] = []
+        # Positions a subscriber-defined filter keeps out of pages (ADOBE-EVENTS.md §5: filters
+        # apply to the journal too): they still take their place in a page's ``limit``, so a
+        # page of them is an empty 200 whose next link moves on.
+        self.filtered: set[str] = set()
         self.port = 0
         self._entries: list[_Entry] = []
         self._index: dict[str, int] = {}
@@ -382,16 +386,19 @@ class JournalServer:
 
     def _page(self, start: int, limit: int | None) -> tuple[web.Response, int]:
         blobs: list[bytes] = []
-        size = _PAGE_OVERHEAD
+        size, scanned = _PAGE_OVERHEAD, 0
         for entry in self._entries[start:]:
             assert entry.blob is not None  # start is never before the oldest kept entry
-            if limit is not None and len(blobs) >= limit:
+            if limit is not None and scanned >= limit:
                 break
             if blobs and size + len(entry.blob) + 1 > self.page_cap_bytes:
                 break
+            scanned += 1
+            if entry.position in self.filtered:
+                continue
             blobs.append(entry.blob)
             size += len(entry.blob) + 1
-        last = self._entries[start + len(blobs) - 1].position
+        last = self._entries[start + scanned - 1].position
         page = json.dumps({"last": last, "count": len(blobs)}, separators=(",", ":")).encode()
         body = b'{"events":[' + b",".join(blobs) + b'],"_page":' + page + b"}"
         headers = self._headers(self._link(limit, last), last, end=False)

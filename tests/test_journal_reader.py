@@ -487,3 +487,29 @@ async def test_a_proxy_carries_every_request_ims_included_with_its_credential(
     assert {seen.proxy_authorization for seen in proxy.seen} == {expected}
     assert "pr0xy" not in repr(made.config)
     assert "pr0xy" not in str(logs)
+
+
+async def test_a_page_a_filter_left_empty_is_followed_not_taken_for_the_end(
+    server: JournalServer, tmp_path: Path
+) -> None:
+    sent = server.add_many(events("e", 9))
+    server.filtered = set(sent[3:6])  # the second page (limit 3): nothing passes the filter
+    checkpoint = Saves(tmp_path, server.journal_url)
+    take = Taker()
+    progress = await reader(server, take, checkpoint=checkpoint).run()  # until the end
+    assert take.positions == sent[:3] + sent[6:]  # on past the empty page, to the 204
+    assert statuses(server) == [200, 200, 200, 204]
+    assert checkpoint.saved == [sent[2], sent[5], sent[8]]  # the empty page's place kept too
+    assert progress.position == sent[8]
+
+
+async def test_an_empty_page_that_does_not_move_on_is_the_end(
+    server: JournalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = server.add_many(events("e", 3))
+    server.filtered = set(sent)
+    monkeypatch.setattr(server, "_link", lambda limit, since=None: server.path)  # no since
+    take = Taker()
+    await reader(server, take).run()  # --until-end: it stops, and does not loop
+    assert take.pages == []
+    assert statuses(server) == [200]
