@@ -175,6 +175,12 @@ class JournalReader:
         if status == 429 or status >= 500:
             kind = "throttled" if status == 429 else "server"
             return self._failed(kind, f"the journal answered {status}", wait_said)
+        since = query_value(url, "since")
+        if status == 400 and since:  # Adobe's answer to a position it does not know
+            where = f" (kept in {self.checkpoint.file})" if self.checkpoint else ""
+            detail = f"the journal answered 400 to the position {since}{where}: if it is not"
+            detail += " this journal's, remove it to start again at journal.start"
+            return self._failed("rejected", detail)
         return self._failed("rejected", f"the journal answered {status}")
 
     async def _ask(

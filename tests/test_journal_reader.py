@@ -513,3 +513,21 @@ async def test_an_empty_page_that_does_not_move_on_is_the_end(
     await reader(server, take).run()  # --until-end: it stops, and does not loop
     assert take.pages == []
     assert statuses(server) == [200]
+
+
+async def test_a_position_adobe_does_not_know_names_the_file_that_keeps_it(
+    server: JournalServer, tmp_path: Path
+) -> None:
+    server.add_many(events("e", 2))
+    checkpoint = Checkpoint(tmp_path, server.journal_url)
+    made = reader(server, Taker(), since="camel:not-this-journals", checkpoint=checkpoint)
+    made.until_end = False
+    with structlog.testing.capture_logs() as logs:
+        await run_until(made, lambda: len(server.requests) >= 2)
+    assert set(statuses(server)) == {400}  # retried: serve never gives up
+    (detail, *_) = [e["detail"] for e in logs if e["event"] == "journal_problem"]
+    assert detail == (
+        f"the journal answered 400 to the position camel:not-this-journals (kept in "
+        f"{checkpoint.file}): if it is not this journal's, remove it to start again at "
+        "journal.start"
+    )
