@@ -70,6 +70,7 @@ async def _reload(app: web.Application, path: str) -> bool:
             action="keeping the running configuration",
         )
         return False
+    _warn_about_topology(config)  # before a broker that refuses it closes the connection
     publisher = app[PUBLISHER]
     if isinstance(publisher, AmqpPublisher):
         try:
@@ -82,7 +83,6 @@ async def _reload(app: web.Application, path: str) -> bool:
                 action="keeping the running configuration",
             )
             return False
-    _warn_about_topology(config)
     receiver = app[RECEIVER]
     notes = receiver.reload(config)
     if receiver.outbox is not None and receiver.outbox.exchanges is not None:

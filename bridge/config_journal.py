@@ -11,9 +11,7 @@ of ``registrations``. Does not: read files or talk to anyone.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import fields
-from typing import Final
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,9 +19,6 @@ import yaml
 from bridge.adobe.journal import START_WORDS, seek_duration
 from bridge.config_types import ImsConfig, JournalConfig, Registration
 from bridge.yamldoc import Doc, Section
-
-# A proxy URL's password, up to the last "@" before the host: masked in a problem.
-_PROXY_PASSWORD: Final = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 
 def journal_section(doc: Doc, node: yaml.Node | None) -> JournalConfig:
@@ -54,14 +49,17 @@ def _proxy(doc: Doc, section: Section) -> str:
         good = (
             parts.scheme == "http"
             and bool(parts.hostname)
-            and parts.port is not None
+            and bool(parts.port)
             and parts.path in ("", "/")
             and not parts.query
+            and not parts.fragment
         )
     except ValueError:
         good = False
     if text and not good:
-        shown = _PROXY_PASSWORD.sub(r"\1***@", text)
+        userinfo, at, rest = text.rpartition("@")  # a password may hold "@" and ":"
+        scheme = userinfo.partition("://")[0] + "://" if "://" in userinfo else ""
+        shown = f"{scheme}***@{rest}" if at else text
         doc.fail(
             "journal.proxy",
             section.items.get("proxy"),

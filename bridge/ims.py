@@ -13,6 +13,7 @@ Owns: the token and when to ask for another. Does not: read the journal (``bridg
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Final
@@ -31,6 +32,8 @@ MAX_ANSWER_BYTES: Final = 64 * 1024
 MIN_MARGIN: Final = 60.0
 MAX_MARGIN: Final = 3600.0
 RETRY_RENEWAL: Final = 30.0  # seconds between tries while a failed renewal leaves a live token
+# A URL's user and password, up to the last "@" before its path: masked in what is logged.
+_USERINFO: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#]*@")
 
 
 class Tokens:
@@ -89,7 +92,8 @@ class Tokens:
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # Not the credential's fault: retried like any network problem, also by a one-shot.
-            raise JournalProblem("network", f"IMS token request failed: {_text(exc)}") from None
+            detail = f"IMS token request failed: {problem_text(exc)}"
+            raise JournalProblem("network", detail) from None
         access, lifetime = _read(status, body)
         self._token = access
         self._expires_at = self.clock() + lifetime
@@ -136,5 +140,11 @@ async def _read_capped(content: aiohttp.StreamReader) -> bytes:
     return body
 
 
-def _text(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+def problem_text(exc: BaseException) -> str:
+    """A request's failure in one line for a log, with no credential: a proxy's refusal of
+    ``CONNECT`` by its status (aiohttp's text of it holds the proxy URL, password and all), and
+    the user and password of any URL in the rest masked."""
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"the proxy answered {exc.status} ({exc.message})"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return _USERINFO.sub(r"\1***@", text)

@@ -53,7 +53,7 @@ from bridge.adobe.journal import (
 )
 from bridge.checkpoint import Checkpoint
 from bridge.config_types import JournalConfig
-from bridge.ims import Tokens
+from bridge.ims import Tokens, problem_text
 
 log = structlog.get_logger("bridge.journal")
 
@@ -61,8 +61,10 @@ MIN_BACKOFF: Final = 1.0
 MAX_BACKOFF: Final = 60.0
 END_WAIT: Final = 10.0  # seconds after a 204 that says no retry-after (Adobe says 10)
 MIN_WAIT: Final = 0.5  # seconds: the shortest pause a retry-after (0, a past date) can ask for
+EMPTY_BURST: Final = 10  # empty pages in a row followed at once; then MIN_WAIT between them
 RESTART_WAIT: Final = 5.0  # seconds before serve's reader runs again after a bug
 MAX_RESTART_WAIT: Final = 300.0
+_NOWHERE: Final = "\0no failure yet"  # no journal position looks like it
 ACCEPT: Final = "application/vnd.adobecloud.events+json, application/json"
 # For a one-shot reader, the problems no retry mends:
 FATAL: Final = frozenset({"rejected", "unauthorized", "token", "bad_link"})
@@ -116,7 +118,10 @@ class JournalReader:
         self._limit = config.limit
         self._backoff = MIN_BACKOFF
         self._unauthorized = 0
+        self._empties = 0  # empty pages in a row that moved on
         self._stopping = asyncio.Event()
+        # The position read from the state file, if this reader started at one.
+        self._kept_start = query_value(url, "since") if checkpoint is not None else None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -176,12 +181,13 @@ class JournalReader:
             kind = "throttled" if status == 429 else "server"
             return self._failed(kind, f"the journal answered {status}", wait_said)
         since = query_value(url, "since")
+        detail = f"the journal answered {status}"
         if status == 400 and since:  # Adobe's answer to a position it does not know
-            where = f" (kept in {self.checkpoint.file})" if self.checkpoint else ""
-            detail = f"the journal answered 400 to the position {since}{where}: if it is not"
-            detail += " this journal's, remove it to start again at journal.start"
-            return self._failed("rejected", detail)
-        return self._failed("rejected", f"the journal answered {status}")
+            detail += f" to the position {since}"
+            if self.checkpoint is not None and since == self._kept_start:
+                detail += f" (kept in {self.checkpoint.file}): if it is not this journal's,"
+                detail += " remove the file to start again at journal.start"
+        return self._failed("rejected", detail)
 
     async def _ask(
         self, session: aiohttp.ClientSession, tokens: Tokens, url: str
@@ -206,7 +212,8 @@ class JournalReader:
                 link = links(", ".join(said.getall("Link", [])))
                 body = await _read(answer) if status == 200 else b""
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise JournalProblem("network", f"journal request failed: {_text(exc)}") from None
+            detail = f"journal request failed: {problem_text(exc)}"
+            raise JournalProblem("network", detail) from None
         return token, status, said, link, body
 
     async def _unless_stopped(self, work: Coroutine[object, object, T]) -> T | None:
@@ -230,6 +237,7 @@ class JournalReader:
             return await self._empty(url, link)
         if not await self.take(page):
             return self._failed("deliver", "the page's events are not safe yet", quiet=True)
+        self._empties = 0
         metrics.JOURNAL_PAGES.labels("events").inc()
         metrics.JOURNAL_EVENTS.inc(len(page.entries))
         progress = self.progress
@@ -278,7 +286,8 @@ class JournalReader:
         self.url = onward
         await self._keep(since)
         self._report()
-        return 0.0
+        self._empties += 1  # on at once, but not flat out through a journal of empty pages
+        return MIN_WAIT if self._empties > EMPTY_BURST else 0.0
 
     def _expired(self) -> float:
         metrics.JOURNAL_ERRORS.labels("expired").inc()
@@ -335,24 +344,30 @@ class JournalReader:
 
 async def run_reader(reader: JournalReader) -> None:
     """``serve``'s reader, until stopped. A bug is never silently the end of it: it is counted
-    (``internal``) and logged, and the reader runs again after a pause (:data:`RESTART_WAIT`,
-    doubling to :data:`MAX_RESTART_WAIT` while nothing is read), from where it was: its position
-    is still the last one made safe, so the worst is a page published twice."""
+    (``internal``) and logged, and the reader runs again from where it was (its position is
+    still the last one made safe: the worst is a page published twice) after a pause:
+    :data:`RESTART_WAIT`, doubling to :data:`MAX_RESTART_WAIT` while it fails at the same
+    position, so a bug that every re-read meets again costs little."""
     wait = RESTART_WAIT
+    failed_at: str | None = _NOWHERE
     while True:
-        events = reader.progress.events
         try:
             await reader.run()
         except Exception:
+            here = reader.progress.position
+            wait = min(wait * 2, MAX_RESTART_WAIT) if here == failed_at else RESTART_WAIT
+            failed_at = here
             metrics.JOURNAL_ERRORS.labels("internal").inc()
-            log.exception("journal_reader_failed", action=f"reading again in {wait:.0f} s")
+            log.exception(
+                "journal_reader_failed",
+                position=here,
+                retry_in=round(wait, 2),
+                action="reading again from the last safe position",
+            )
         else:
             return
-        if reader.progress.events > events:
-            wait = RESTART_WAIT
         if await reader.pause(wait):
             return
-        wait = min(wait * 2, MAX_RESTART_WAIT)
 
 
 async def _read(answer: aiohttp.ClientResponse) -> bytes:
@@ -366,7 +381,3 @@ async def _read(answer: aiohttp.ClientResponse) -> bytes:
             raise JournalProblem("page_too_large", f"a page of more than {MAX_PAGE_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _text(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

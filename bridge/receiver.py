@@ -171,7 +171,9 @@ class Receiver:
         if len(kept) != len(config.registrations) or len(kept) != len(paths):
             notes.append("registrations added, removed or moved to another path: restart")
         merged = {r.name: r for r in self.config.registrations} | {r.name: r for r in kept}
-        for name in ("server", "broker", "verification", "outbox", "dedup", "logging", "metrics"):
+        for name in (
+            "server", "broker", "verification", "outbox", "dedup", "logging", "metrics", "journal",
+        ):  # fmt: skip
             new, old = getattr(config, name), getattr(self.config, name)
             if name == "server":  # its certificate files are reloaded on SIGHUP (the daemon)
                 new = replace(new, tls=old.tls)

@@ -199,6 +199,7 @@ ensure4() {
         "") rmq4_create ;;
         *)
             say "starting the existing container $rmq4_container"
+            "$here/deploy/container/image.sh" unforward "$rmq4_port"
             podman start "$rmq4_container" >/dev/null
             ;;
     esac

@@ -65,9 +65,7 @@ class _Token:
 
 
 class _Refused(Exception):
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
+    """An answer that ends the request here: ``args[0]``, a response."""
 
 
 def _seconds(value: float) -> str:
@@ -130,9 +128,8 @@ class JournalServer:
         self.token_requests = 0
         self.token_log: list[dict[str, Any]] = []  # {"status", "client_id", "scope"} per POST
         self.positions: list[str] = []
-        # Positions a subscriber-defined filter keeps out of pages (ADOBE-EVENTS.md §5: filters
-        # apply to the journal too): they still take their place in a page's ``limit``, so a
-        # page of them is an empty 200 whose next link moves on.
+        # Kept out of pages by a subscriber-defined filter (ADOBE-EVENTS.md §5), yet counted in
+        # a page's ``limit``: a page of them is an empty 200 whose next link moves on.
         self.filtered: set[str] = set()
         self.port = 0
         self._entries: list[_Entry] = []
@@ -211,11 +208,10 @@ class JournalServer:
 
     def add(self, event: dict[str, Any] | bytes, *, at: datetime | None = None) -> str:
         """Append one event (its JSON as given when bytes); ``at`` is its time for ``seek``."""
-        raw = event if isinstance(event, bytes) else json.dumps(event, separators=(",", ":"))
-        if not isinstance(json.loads(raw), dict):
+        body = event if isinstance(event, bytes) else json.dumps(event).encode()
+        if not isinstance(json.loads(body), dict):
             raise ValueError("a journal event is a JSON object")
         when = datetime.now(UTC) if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
-        body = raw if isinstance(raw, bytes) else raw.encode()
         with self._lock:
             position = f"{secrets.choice(_WORDS)}:{uuid.uuid4()}:{uuid.uuid4()}"
             blob = b'{"position":"' + position.encode() + b'","event":' + body + b"}"
@@ -250,8 +246,7 @@ class JournalServer:
             return self._issue(self.client_id, scope)
 
     def _issue(self, client_id: str, scope: str) -> str:
-        token = secrets.token_urlsafe(32)
-        scopes = frozenset(s for s in re.split(r"[,\s]+", scope) if s)
+        token, scopes = secrets.token_urlsafe(32), frozenset(re.split(r"[,\s]+", scope)) - {""}
         self._tokens[token] = _Token(client_id, scopes, time.monotonic() + self.token_seconds)
         return token
 
@@ -286,7 +281,7 @@ class JournalServer:
             try:
                 response, count = self._answer(request)
             except _Refused as refused:
-                response, count = refused.response, 0
+                response, count = refused.args[0], 0
             record = {"path": request.path, "query": dict(request.query), "token": _bearer(request)}
             self.requests.append({**record, "status": response.status, "events": count})
         return response
@@ -394,10 +389,9 @@ class JournalServer:
             if blobs and size + len(entry.blob) + 1 > self.page_cap_bytes:
                 break
             scanned += 1
-            if entry.position in self.filtered:
-                continue
-            blobs.append(entry.blob)
-            size += len(entry.blob) + 1
+            if entry.position not in self.filtered:
+                blobs.append(entry.blob)
+                size += len(entry.blob) + 1
         last = self._entries[start + scanned - 1].position
         page = json.dumps({"last": last, "count": len(blobs)}, separators=(",", ":")).encode()
         body = b'{"events":[' + b",".join(blobs) + b'],"_page":' + page + b"}"

@@ -1,7 +1,8 @@
 """A plain HTTP forward proxy on 127.0.0.1 for the journal's proxy tests: it records each request
-(method, absolute target, ``Proxy-Authorization``) and forwards it with aiohttp. Only the
-absolute form a client sends for an ``http://`` target (RFC 9112 §3.2.2) is served; ``CONNECT``,
-which an ``https://`` target takes, is aiohttp's own and not what these tests look at.
+(method, absolute target, ``Proxy-Authorization``) and forwards it with aiohttp: the absolute
+form a client sends for an ``http://`` target (RFC 9112 §3.2.2). ``CONNECT``, which an
+``https://`` target takes, is recorded and refused with ``connect_status`` (a proxy that wants
+other credentials: 407), which is where a client's error text could show the proxy's password.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Seen:
 @dataclass
 class ForwardProxy:
     seen: list[Seen] = field(default_factory=list)
+    connect_status: int = 407
     port: int = 0
     _server: asyncio.Server | None = None
     _session: aiohttp.ClientSession | None = None
@@ -64,6 +66,10 @@ class ForwardProxy:
                 said = {name.lower(): value for name, value in headers}
                 body = await reader.readexactly(int(said.get("content-length", "0")))
                 self.seen.append(Seen(method, target, said.get("proxy-authorization")))
+                if method == "CONNECT":
+                    status = f"HTTP/1.1 {self.connect_status} Refused by the test\r\n"
+                    writer.write(f"{status}Content-Length: 0\r\n\r\n".encode())
+                    continue
                 writer.write(await self._forward(method, target, headers, body))
                 await writer.drain()
         self._clients.discard(writer)

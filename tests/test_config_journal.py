@@ -147,6 +147,8 @@ def test_unknown_journal_keys_are_problems() -> None:
         "http://proxy.internal",  # no port: say which
         "http://proxy.internal:3128/path",
         "http://:3128",
+        "http://proxy.internal:0",
+        "http://proxy.internal:3128#here",
     ],
 )
 def test_a_proxy_is_an_http_url_with_a_port(proxy: str) -> None:
@@ -157,9 +159,19 @@ def test_a_proxy_is_an_http_url_with_a_port(proxy: str) -> None:
     assert "(t.yaml:5)" in found
 
 
-def test_a_bad_proxy_url_never_shows_its_password() -> None:
-    (found,) = problems("  proxy: 'http://egress:pr0:xy@proxy.internal/'\n")
-    assert "got 'http://egress:***@proxy.internal/'" in found
+@pytest.mark.parametrize(
+    ("proxy", "shown"),
+    [
+        ("http://egress:pr0:xy@proxy.internal/", "http://***@proxy.internal/"),
+        ("http://egress:pr0@xy@proxy.internal", "http://***@proxy.internal"),
+        ("egress:pr0xy@proxy.internal:3128", "***@proxy.internal:3128"),  # no scheme
+        ("http://pr0xy@proxy.internal", "http://***@proxy.internal"),  # a token as the user
+        ("http://egress:pr0 xy@proxy.internal", "http://***@proxy.internal"),
+    ],
+)
+def test_a_bad_proxy_url_never_shows_its_user_or_password(proxy: str, shown: str) -> None:
+    (found,) = problems(f"  proxy: '{proxy}'\n")
+    assert f"got '{shown}'" in found
     assert "pr0" not in found
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from bridge import metrics
 from bridge.adobe.journal import JournalProblem
 from bridge.config_types import DEFAULT_IMS_SCOPES, ImsConfig
-from bridge.ims import Tokens
+from bridge.ims import Tokens, problem_text
 from tests.adobe_journal import JournalServer
 from tests.processes import free_port
 
@@ -283,3 +283,9 @@ async def test_a_live_token_is_used_while_its_renewal_fails(
     with pytest.raises(JournalProblem) as caught:
         await tokens.token()
     assert caught.value.kind == "token"
+
+
+def test_a_failures_text_masks_the_user_and_password_of_every_url() -> None:
+    exc = aiohttp.ClientConnectionError("no http://u:p@ss@proxy:3128/x, nor https://tok@h/?a=b@c")
+    assert problem_text(exc) == "no http://***@proxy:3128/x, nor https://***@h/?a=b@c"
+    assert problem_text(TimeoutError()) == "TimeoutError"

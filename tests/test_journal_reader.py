@@ -1,14 +1,13 @@
 """The journal reader (``bridge.journal.JournalReader``) against the stand-in Adobe journal of
 ``tests/adobe_journal.py``, with a taker that records pages (no broker): the links it follows,
-the position it keeps and when, and each of Adobe's answers (ADOBE-EVENTS.md §5, SPEC §10)."""
+the position it keeps and when, and each of Adobe's answers (ADOBE-EVENTS.md §5, SPEC §10).
+What it does when things are odd (a bug, a proxy, empty pages, a position Adobe does not
+know) is in ``tests/test_journal_reader_recovery.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -16,101 +15,23 @@ import pytest
 import structlog
 from aiohttp import web
 
-from bridge import journal, metrics
+from bridge import journal
 from bridge.adobe.journal import Page
 from bridge.checkpoint import Checkpoint
-from bridge.config_types import ImsConfig, JournalConfig
-from bridge.journal import FATAL, JournalFailed, JournalReader, Progress, first_url
+from bridge.journal import FATAL, JournalFailed
 from tests.adobe_journal import JournalServer
-from tests.forward_proxy import ForwardProxy
+from tests.journal_fixtures import (
+    Saves,
+    Taker,
+    errors,
+    events,
+    reader,
+    renewals,
+    run_until,
+    statuses,
+)
 
 pytestmark = pytest.mark.usefixtures("short_waits")  # tests/journal_fixtures.py
-
-
-class Taker:
-    """Takes pages, recording them; ``answers``: what it says to the first pages (then True)."""
-
-    def __init__(self, *answers: bool) -> None:
-        self.pages: list[Page] = []
-        self.times: list[float] = []
-        self.answers = list(answers)
-
-    async def __call__(self, page: Page) -> bool:
-        self.pages.append(page)
-        self.times.append(time.monotonic())
-        return self.answers.pop(0) if self.answers else True
-
-    @property
-    def positions(self) -> list[str]:
-        return [entry.position for page in self.pages for entry in page.entries]
-
-
-class Saves(Checkpoint):
-    """A checkpoint that also records every position it saves."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        super().__init__(folder, url)
-        self.saved: list[str] = []
-
-    def save(self, position: str) -> None:
-        super().save(position)
-        self.saved.append(position)
-
-
-def configure(server: JournalServer, limit: int = 3) -> JournalConfig:
-    ims = ImsConfig(
-        token_url=server.token_url,
-        client_id=server.client_id,
-        client_secret=server.client_secret,
-        org_id=server.org_id,
-    )
-    return JournalConfig(url=server.journal_url, limit=limit, timeout=5.0, ims=ims)
-
-
-def events(prefix: str, count: int, **extra: Any) -> list[dict[str, Any]]:
-    return [{"event_id": f"{prefix}{i}", "type": "test", **extra} for i in range(count)]
-
-
-def reader(
-    server: JournalServer,
-    take: Taker,
-    *,
-    since: str | None = None,
-    start: str = "oldest",
-    limit: int = 3,
-    checkpoint: Checkpoint | None = None,
-    until_end: bool = True,
-    fatal: Collection[str] = (),
-) -> JournalReader:
-    config = configure(server, limit)
-    url = first_url(config, since, start)
-    return JournalReader(config, url, take, checkpoint, until_end=until_end, fatal=fatal)
-
-
-async def run_until(made: JournalReader, done: Any, seconds: float = 2.0) -> Progress:
-    """Run a following reader (no ``until_end``) until ``done()``, then stop it."""
-    task = asyncio.create_task(made.run())
-    deadline = time.monotonic() + seconds
-    while not done() and time.monotonic() < deadline and not task.done():
-        await asyncio.sleep(0.01)
-    made.stop()
-    return await asyncio.wait_for(task, 1.0)
-
-
-def errors(kind: str) -> float:
-    found = metrics.REGISTRY.get_sample_value("bridge_journal_errors_total", {"kind": kind})
-    return found or 0.0
-
-
-def renewals(reason: str) -> float:
-    found = metrics.REGISTRY.get_sample_value(
-        "bridge_journal_token_renewals_total", {"reason": reason}
-    )
-    return found or 0.0
-
-
-def statuses(server: JournalServer) -> list[int]:
-    return [int(r["status"]) for r in server.requests]
 
 
 async def test_pages_follow_next_links_and_keep_the_limit(
@@ -412,122 +333,3 @@ async def test_stop_ends_a_reader_waiting_for_an_answer_at_once(
         progress = await asyncio.wait_for(task, 4.0)
         assert time.monotonic() - started < 0.5
         assert (progress.events, progress.position) == (0, None)
-
-
-async def test_serves_reader_runs_again_after_a_bug_from_its_last_safe_position(
-    server: JournalServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(journal, "RESTART_WAIT", 0.05)
-    sent = server.add_many(events("e", 7))
-    internal = errors("internal")
-    take = Taker()
-    made = reader(server, take, until_end=False)
-    calls = 0
-
-    async def buggy(page: Page) -> bool:
-        nonlocal calls
-        calls += 1
-        if calls in (2, 3):  # the second page fails twice: a bug, not an unsafe page
-            raise RuntimeError("a bug in the taker")
-        return await take(page)
-
-    made.take = buggy
-    with structlog.testing.capture_logs() as logs:
-        task = asyncio.create_task(journal.run_reader(made))
-        deadline = time.monotonic() + 5.0
-        while len(take.positions) < len(sent) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        made.stop()
-        await asyncio.wait_for(task, 2.0)
-    assert take.positions == sent  # each event once: read again from the last safe page
-    assert errors("internal") == internal + 2
-    failed = [entry for entry in logs if entry["event"] == "journal_reader_failed"]
-    assert [entry["action"] for entry in failed] == ["reading again in 0 s"] * 2
-    assert all(entry["log_level"] == "error" for entry in failed)
-
-
-async def test_serves_reader_stopped_while_pausing_after_a_bug_ends_at_once(
-    server: JournalServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(journal, "RESTART_WAIT", 60.0)
-    server.add_many(events("e", 2))
-
-    async def broken(page: Page) -> bool:
-        raise RuntimeError("a bug in the taker")
-
-    internal = errors("internal")
-    made = reader(server, Taker(), until_end=False)
-    made.take = broken
-    task = asyncio.create_task(journal.run_reader(made))
-    deadline = time.monotonic() + 5.0
-    while errors("internal") == internal and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert errors("internal") == internal + 1
-    await asyncio.sleep(0.05)
-    made.stop()
-    await asyncio.wait_for(task, 1.0)  # not after the 60 s pause
-
-
-async def test_a_proxy_carries_every_request_ims_included_with_its_credential(
-    server: JournalServer,
-) -> None:
-    sent = server.add_many(events("e", 5))
-    async with ForwardProxy() as proxy:
-        made = reader(server, take := Taker())
-        proxied = proxy.url.replace("http://", "http://egress:pr0xy@")
-        made.config = dataclasses.replace(made.config, proxy=proxied)
-        with structlog.testing.capture_logs() as logs:
-            await made.run()
-    assert take.positions == sent
-    targets = [(seen.method, seen.target.split("?")[0]) for seen in proxy.seen]
-    assert targets[0] == ("POST", server.token_url)  # IMS first, through the proxy too
-    assert {target for method, target in targets[1:]} == {server.journal_url.split("?")[0]}
-    assert len(targets) == len(server.requests) + 1  # nothing went around it
-    expected = "Basic " + base64.b64encode(b"egress:pr0xy").decode()
-    assert {seen.proxy_authorization for seen in proxy.seen} == {expected}
-    assert "pr0xy" not in repr(made.config)
-    assert "pr0xy" not in str(logs)
-
-
-async def test_a_page_a_filter_left_empty_is_followed_not_taken_for_the_end(
-    server: JournalServer, tmp_path: Path
-) -> None:
-    sent = server.add_many(events("e", 9))
-    server.filtered = set(sent[3:6])  # the second page (limit 3): nothing passes the filter
-    checkpoint = Saves(tmp_path, server.journal_url)
-    take = Taker()
-    progress = await reader(server, take, checkpoint=checkpoint).run()  # until the end
-    assert take.positions == sent[:3] + sent[6:]  # on past the empty page, to the 204
-    assert statuses(server) == [200, 200, 200, 204]
-    assert checkpoint.saved == [sent[2], sent[5], sent[8]]  # the empty page's place kept too
-    assert progress.position == sent[8]
-
-
-async def test_an_empty_page_that_does_not_move_on_is_the_end(
-    server: JournalServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sent = server.add_many(events("e", 3))
-    server.filtered = set(sent)
-    monkeypatch.setattr(server, "_link", lambda limit, since=None: server.path)  # no since
-    take = Taker()
-    await reader(server, take).run()  # --until-end: it stops, and does not loop
-    assert take.pages == []
-    assert statuses(server) == [200]
-
-
-async def test_a_position_adobe_does_not_know_names_the_file_that_keeps_it(
-    server: JournalServer, tmp_path: Path
-) -> None:
-    server.add_many(events("e", 2))
-    checkpoint = Checkpoint(tmp_path, server.journal_url)
-    made = reader(server, Taker(), since="camel:not-this-journals", checkpoint=checkpoint)
-    made.until_end = False
-    with structlog.testing.capture_logs() as logs:
-        await run_until(made, lambda: len(server.requests) >= 2)
-    assert set(statuses(server)) == {400}  # retried: serve never gives up
-    (detail, *_) = [e["detail"] for e in logs if e["event"] == "journal_problem"]
-    assert detail == (
-        f"the journal answered 400 to the position camel:not-this-journals (kept in "
-        f"{checkpoint.file}): if it is not this journal's, remove it to start again at "
-        "journal.start"
-    )

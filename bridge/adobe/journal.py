@@ -124,8 +124,12 @@ def origin(url: str) -> tuple[str, str]:
 def resolve(base: str, reference: str) -> str:
     """``reference`` (Adobe's links are relative) against ``base``; a link to another origin is
     a :class:`JournalProblem`: the next request would carry our token there."""
-    url = urljoin(base, reference)
-    if origin(url) != origin(base):
+    try:
+        url = urljoin(base, reference)
+        elsewhere = origin(url) != origin(base)
+    except ValueError:  # urljoin and urlsplit refuse some references: "//[bad/x"
+        raise JournalProblem("bad_link", "a next link that is not a URL: not followed") from None
+    if elsewhere:
         raise JournalProblem(
             "bad_link", f"a next link to another host ({origin(url)[1]}): not followed"
         )

@@ -19,8 +19,9 @@
 # comes before the rule of the next container published there and sends its connections to an
 # address nobody has: the next broker "does not accept AMQP". `unforward` deletes netavark's
 # forwarding rules for each PORT on which nothing answers now (so none of them can be alive), and
-# does nothing where it is not root or iptables is missing. The tests and broker.sh run it before
-# they publish a fixed port.
+# does nothing where it is not root or iptables is missing. Only rules for 127.0.0.1 are touched
+# (where the tests and broker.sh publish); netavark's nftables driver (podman 5) is not looked at.
+# The tests and broker.sh run it before they publish a fixed port.
 #
 # Without --base (or BASE=), the base is a Debian 12 root file system made here with debootstrap
 # and imported (no registry needed); with it, the base is pulled as usual, e.g. python:3.11-slim.
@@ -235,7 +236,7 @@ rabbitmq() {  # [--version 4|3]: one Containerfile, on Debian 13 (4.0) or Debian
 port_answers() { timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null; }
 
 netavark_chains() {  # the nat chains where netavark keeps its host port forwards
-    iptables -t nat -S 2>/dev/null \
+    iptables -w -t nat -S 2>/dev/null \
         | awk '$1 == "-N" && $2 ~ /^NETAVARK-(HOSTPORT-DNAT|DN-)/ { print $2 }'
 }
 
@@ -248,11 +249,14 @@ unforward() {  # PORT...: netavark's forwards of dead host ports, removed (as ro
     for port in "$@"; do
         port_answers "$port" && continue  # a live forward (or a listener): not ours to touch
         for chain in $(netavark_chains); do
-            # Highest rule number first, so the numbers still to delete stay valid.
-            for number in $(iptables -t nat -L "$chain" -n --line-numbers 2>/dev/null \
-                | awk -v p="dpt:$port" '{ for (i = 2; i <= NF; i++) if ($i == p) print $1 }' \
-                | sort -rnu); do
-                iptables -t nat -D "$chain" "$number"
+            # The rules that send 127.0.0.1:PORT on (DNAT, and the mark for its masquerade);
+            # highest number first, so the numbers still to delete stay valid. Columns of -L:
+            # num target prot opt source destination match...
+            for number in $(iptables -w -t nat -L "$chain" -n --line-numbers 2>/dev/null \
+                | awk -v p="dpt:$port" '$6 == "127.0.0.1" {
+                      for (i = 7; i <= NF; i++) if ($i == p) { print $1; break } }' \
+                | sort -rn); do
+                iptables -w -t nat -D "$chain" "$number"
                 say "removed a dead port forward to 127.0.0.1:$port ($chain rule $number)"
             done
         done

@@ -42,6 +42,7 @@ OUR_VARIABLES = (
     "BRIDGE_IMS_CLIENT_ID",
     "BRIDGE_IMS_CLIENT_SECRET",
     "BRIDGE_IMS_ORG_ID",
+    "BRIDGE_JOURNAL_PROXY",
 )
 
 Service = dict[str, Any]

@@ -51,9 +51,9 @@ def chain() -> Iterator[str]:
         _iptables("-X", name, check=False)
 
 
-def _forward(chain: str, port: int) -> None:
+def _forward(chain: str, port: int, host: str = "127.0.0.1") -> None:
     _iptables(
-        "-A", chain, "-d", "127.0.0.1/32", "-p", "tcp", "--dport", str(port),
+        "-A", chain, "-d", f"{host}/32", "-p", "tcp", "--dport", str(port),
         "-j", "DNAT", "--to-destination", "10.88.255.254:5672",
     )  # fmt: skip
 
@@ -61,6 +61,16 @@ def _forward(chain: str, port: int) -> None:
 def _ports_in(chain: str) -> list[int]:
     rules = _iptables("-S", chain).stdout.split()
     return [int(rules[i + 1]) for i, word in enumerate(rules) if word == "--dport"]
+
+
+def _dead_port_below_6553() -> int:
+    """A port nothing answers on whose number, with a digit more, is a port too."""
+    for port in range(6100, 6553):
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise AssertionError("every port from 6100 to 6552 answers")
 
 
 def _unforward(*ports: int) -> str:
@@ -100,3 +110,16 @@ def test_a_word_that_is_not_a_port_is_refused_in_one_line() -> None:
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert done.stderr == "image: error: unforward: '5682;true' is not a port number\n"
+
+
+def test_only_the_port_named_and_only_its_forwards_from_loopback(chain: str) -> None:
+    dead = _dead_port_below_6553()
+    longer = dead * 10 + 1  # 6100 and 61001: "dpt:6100" must not catch "dpt:61001"
+    _forward(chain, longer)
+    _forward(chain, dead, host="10.1.2.3")  # published on another address: not ours
+    _forward(chain, dead)
+    _unforward(dead)
+    assert _ports_in(chain) == [longer, dead]
+    rules = _iptables("-S", chain).stdout
+    assert "-d 10.1.2.3/32" in rules
+    assert f"-d 127.0.0.1/32 -p tcp -m tcp --dport {dead} " not in rules
