@@ -11,7 +11,9 @@ of ``registrations``. Does not: read files or talk to anyone.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import fields
+from typing import Final
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,6 +21,8 @@ import yaml
 from bridge.adobe.journal import START_WORDS, seek_duration
 from bridge.config_types import ImsConfig, JournalConfig, Registration
 from bridge.yamldoc import Doc, Section
+
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 def journal_section(doc: Doc, node: yaml.Node | None) -> JournalConfig:
@@ -57,15 +61,26 @@ def _proxy(doc: Doc, section: Section) -> str:
     except ValueError:
         good = False
     if text and not good:
-        userinfo, at, rest = text.rpartition("@")  # a password may hold "@" and ":"
-        scheme = userinfo.partition("://")[0] + "://" if "://" in userinfo else ""
-        shown = f"{scheme}***@{rest}" if at else text
         doc.fail(
             "journal.proxy",
             section.items.get("proxy"),
-            f"expected an http:// proxy URL with a port, like http://proxy:3128, got {shown!r}",
+            "expected an http:// proxy URL with a port, like http://proxy:3128, got "
+            + _shown(text),
         )
     return text if good else ""
+
+
+def _shown(proxy: str) -> str:
+    """A bad proxy URL as a problem may show it: no user or password, nor what may be one."""
+    userinfo, at, rest = proxy.rpartition("@")  # a password may hold "@" and ":"
+    scheme, slashes, _ = userinfo.partition("://")
+    if at:
+        return repr(
+            f"{scheme}://***@{rest}" if slashes and _SCHEME.fullmatch(scheme) else f"***@{rest}"
+        )
+    if ":" in proxy.partition("://")[2].split("/")[0]:  # host:port, or a user:password typo
+        return "a value not shown here (it may hold a password)"
+    return repr(proxy)
 
 
 def _start(text: str) -> str:

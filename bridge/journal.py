@@ -258,6 +258,7 @@ class JournalReader:
         return 0.0
 
     async def _end(self, url: str, link: dict[str, str], wait_said: str | None) -> float | None:
+        self._empties = 0
         metrics.JOURNAL_PAGES.labels("empty").inc()
         self._newest(None)
         following = link.get("next")

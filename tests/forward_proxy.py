@@ -69,6 +69,7 @@ class ForwardProxy:
                 if method == "CONNECT":
                     status = f"HTTP/1.1 {self.connect_status} Refused by the test\r\n"
                     writer.write(f"{status}Content-Length: 0\r\n\r\n".encode())
+                    await writer.drain()
                     continue
                 writer.write(await self._forward(method, target, headers, body))
                 await writer.drain()

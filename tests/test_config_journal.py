@@ -167,6 +167,7 @@ def test_a_proxy_is_an_http_url_with_a_port(proxy: str) -> None:
         ("egress:pr0xy@proxy.internal:3128", "***@proxy.internal:3128"),  # no scheme
         ("http://pr0xy@proxy.internal", "http://***@proxy.internal"),  # a token as the user
         ("http://egress:pr0 xy@proxy.internal", "http://***@proxy.internal"),
+        ("u:pr0://x@proxy.internal", "***@proxy.internal"),  # no scheme, "://" in the password
     ],
 )
 def test_a_bad_proxy_url_never_shows_its_user_or_password(proxy: str, shown: str) -> None:
@@ -178,3 +179,8 @@ def test_a_bad_proxy_url_never_shows_its_user_or_password(proxy: str, shown: str
 def test_no_proxy_by_default_and_an_empty_one_is_none() -> None:
     assert parse_config(BASE, "t.yaml", {}).journal.proxy == ""
     assert parse_config(BASE + "  proxy: ''\n", "t.yaml", {}).journal.proxy == ""
+
+
+def test_a_proxy_url_without_its_host_is_not_echoed() -> None:
+    (found,) = problems("  proxy: 'http://egress:pr0xy'\n")  # the host forgotten
+    assert found.endswith("got a value not shown here (it may hold a password) (t.yaml:5)")

@@ -260,7 +260,20 @@ unforward() {  # PORT...: netavark's forwards of dead host ports, removed (as ro
                 say "removed a dead port forward to 127.0.0.1:$port ($chain rule $number)"
             done
         done
+        unjump "$port"
     done
+}
+
+unjump() {  # PORT: netavark's jumps for PORT into a chain with no rule left for it
+    local port=$1 number target rules
+    iptables -w -t nat -L NETAVARK-HOSTPORT-DNAT -n --line-numbers 2>/dev/null \
+        | awk -v p="dpt:$port" 'NR > 2 { for (i = 7; i <= NF; i++) if ($i == p) print $1, $2 }' \
+        | sort -rn | while read -r number target; do
+            rules=$(iptables -w -t nat -L "$target" -n 2>/dev/null || true)
+            grep -qw "dpt:$port" <<<"$rules" && continue
+            iptables -w -t nat -D NETAVARK-HOSTPORT-DNAT "$number"
+            say "removed a dead jump for port $port (NETAVARK-HOSTPORT-DNAT rule $number)"
+        done
 }
 
 test_tools() {  # what make test-image needs beside the images: podman itself, docker-compose

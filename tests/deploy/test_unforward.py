@@ -40,15 +40,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+JUMPS = "NETAVARK-HOSTPORT-DNAT"
+
+
 @pytest.fixture
 def chain() -> Iterator[str]:
     name = f"NETAVARK-DN-EB{uuid.uuid4().hex[:10].upper()}"
     _iptables("-N", name)
+    made_jumps = _iptables("-N", JUMPS, check=False).returncode == 0  # else netavark's own
     try:
         yield name
     finally:
+        for rule in _iptables("-S", JUMPS, check=False).stdout.splitlines():
+            if rule.startswith(f"-A {JUMPS} ") and rule.endswith(f"-j {name}"):
+                _iptables("-D", *rule.split()[1:], check=False)  # a jump of this test
         _iptables("-F", name, check=False)
         _iptables("-X", name, check=False)
+        if made_jumps:
+            _iptables("-X", JUMPS, check=False)
 
 
 def _forward(chain: str, port: int, host: str = "127.0.0.1") -> None:
@@ -123,3 +132,15 @@ def test_only_the_port_named_and_only_its_forwards_from_loopback(chain: str) -> 
     rules = _iptables("-S", chain).stdout
     assert "-d 10.1.2.3/32" in rules
     assert f"-d 127.0.0.1/32 -p tcp -m tcp --dport {dead} " not in rules
+
+
+def test_a_jump_into_a_chain_left_without_the_port_goes_too(chain: str) -> None:
+    dead, kept = _dead_port_below_6553(), _free_port()
+    _forward(chain, dead)
+    _forward(chain, kept, host="10.1.2.3")  # still there after: its jump stays
+    for port in (dead, kept):
+        _iptables("-A", JUMPS, "-p", "tcp", "--dport", str(port), "-j", chain)
+    said = _unforward(dead)
+    jumps = [r for r in _iptables("-S", JUMPS).stdout.splitlines() if r.endswith(f"-j {chain}")]
+    assert [int(r.split("--dport ")[1].split()[0]) for r in jumps] == [kept]
+    assert f"removed a dead jump for port {dead}" in said
